@@ -1,0 +1,22 @@
+"""geonorm-fx: rewrite the residual-plus-normalization sites of any PyTorch model into GeoNorm
+geodesic updates (arXiv 2601.22095), as an fx compiler pass.
+
+    import geonorm_fx as gf
+    report = gf.inspect(model, (input_ids,))        # what would be rewritten, and why not the rest
+    module = gf.convert(model, (input_ids,))        # an ordinary, trainable nn.Module
+"""
+from .api import convert, inspect
+from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InvalidInputError,
+                     NoSitesError, ScheduleError)
+from .geodesic import GeodesicUpdate, geodesic_step
+from .module import GeoNormModule
+from .report import Report, Site, Skip
+from .schedules import decay_constants
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "inspect", "convert", "Report", "Site", "Skip", "geodesic_step", "GeodesicUpdate", "decay_constants",
+    "GeoNormModule", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
+    "ConversionError", "GeoNormWarning",
+]

@@ -1,0 +1,148 @@
+"""``inspect`` and ``convert``: capture -> find sites -> rewrite -> report. The input is never mutated."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import fx, nn
+
+from .capture import capture
+from .errors import ConversionError, InvalidInputError, NoSitesError, ScheduleError
+from .geodesic import GeodesicUpdate
+from .module import GeoNormModule
+from .passes.ops import GraphView
+from .passes.rewrite import rewrite_sites
+from .passes.sites import Analysis, analyze
+from .report import SITE_KINDS, Report, Site, Skip
+from .schedules import SCHEDULE_NAMES, Schedule, decay_constants
+
+
+def inspect(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = "auto",
+            schedule: Schedule = "harmonic") -> Report:
+    """Find every residual-plus-normalization site of ``model`` without changing anything.
+
+    Returns a :class:`Report` whose sites carry kind, norm, block, the decay ``schedule`` would give
+    the block, and the module path; norms that are not rewritten are listed in ``report.skipped``.
+    """
+    _check_schedule(schedule)
+    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, modes=("eval",))
+    analysis = analyze(GraphView(cap.graphs["eval"]))
+    decays = decay_constants(schedule, analysis.n_blocks)
+    return _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic)
+
+
+def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", clamp: float = math.pi / 4,
+            learnable: bool = True, kinds: Iterable[str] | None = None, dynamic: bool = True,
+            tracer: str = "auto", strict: bool = False) -> nn.Module:
+    """Rewrite every residual site of ``model`` into a geodesic update (GEONORM.md sections 2-4).
+
+    Each site ``i`` becomes ``GeodesicUpdate(decay_k, clamp, learnable)`` with ``decay_k`` from
+    ``schedule`` for its block ``k``; post-norms are removed, branch-input norms stay. The result is a
+    :class:`GeoNormModule` (an ordinary, trainable ``nn.Module``) whose ``geonorm_report`` lists
+    what was rewritten. ``kinds`` restricts the rewrite to the named kinds; ``strict=True`` raises
+    :class:`NoSitesError` when nothing was rewritten.
+    """
+    kind_set = _check_kinds(kinds)
+    _check_schedule(schedule)
+    if not isinstance(clamp, (int, float)) or not (0.0 < float(clamp) <= math.pi):
+        raise InvalidInputError(f"clamp must be an angle in (0, pi], got {clamp!r}")
+    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer)
+    analyses = {mode: analyze(GraphView(gm)) for mode, gm in cap.graphs.items()}
+    reference = analyses["eval"]
+    for mode, analysis in analyses.items():
+        if [s.signature() for s in analysis.sites] != [s.signature() for s in reference.sites]:
+            raise ConversionError(
+                f"the {mode}-mode graph has different residual sites than the eval-mode graph "
+                f"({len(analysis.sites)} vs {len(reference.sites)}): the model's structure depends on "
+                "its training mode; convert it in one mode with tracer='export' on an ExportedProgram")
+    decays = decay_constants(schedule, reference.n_blocks)
+    chosen = [i for i, s in enumerate(reference.sites) if kind_set is None or s.kind in kind_set]
+    if strict and not chosen:
+        found = ", ".join(f"{k}={v}" for k, v in sorted(_count(reference).items())) or "none"
+        raise NoSitesError(f"no residual site was rewritten (sites found: {found}; kinds={kinds!r}); "
+                           "run geonorm_fx.inspect to see why norms were skipped")
+    root = cap.graphs["eval"]
+    prefix = _free_name(root, "geonorm")
+    updates = nn.ModuleList(
+        GeodesicUpdate(decays[reference.sites[i].block], clamp, learnable) for i in chosen)
+    updates.to(_device_of(root))
+    removed: set[str] = set()
+    for mode, gm in cap.graphs.items():
+        gm.add_module(prefix, updates)
+        sites = [analyses[mode].sites[i] for i in chosen]
+        removed |= rewrite_sites(gm, sites, [f"{prefix}.{j}" for j in range(len(chosen))])
+    removed = {t for t in removed if not any(_references(gm, t) for gm in cap.graphs.values())}
+    for target in removed:
+        _delete(root, target)
+    report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set)
+    report.removed_parameters = sorted(removed)
+    return GeoNormModule(cap.graphs, report)
+
+
+def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_set=None) -> Report:
+    chosen = set(chosen)
+    sites = []
+    skipped = list(analysis.skipped)
+    for i, s in enumerate(analysis.sites):
+        if i in chosen:
+            sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[s.block],
+                              path=s.path, node=s.add.name, stream=s.stream))
+        else:
+            skipped.append(Skip(reason=f"{s.kind} site left as it is: kind {s.kind!r} not in "
+                                       f"kinds={sorted(kind_set or ())}", node=s.add.name, path=s.path))
+    name = schedule if isinstance(schedule, str) else "custom"
+    return Report(sites=sites, skipped=skipped, n_blocks=analysis.n_blocks, schedule=name,
+                  tracer=tracer, dynamic=dynamic)
+
+
+def _check_kinds(kinds) -> set[str] | None:
+    if kinds is None:
+        return None
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    try:
+        kind_set = set(kinds)
+    except TypeError:
+        raise InvalidInputError(f"kinds must be None or an iterable of site kinds, got {kinds!r}") from None
+    unknown = kind_set - set(SITE_KINDS)
+    if unknown:
+        raise InvalidInputError(f"unknown site kind(s) {sorted(unknown)}: use any of {list(SITE_KINDS)}")
+    return kind_set
+
+
+def _check_schedule(schedule) -> None:
+    if isinstance(schedule, str) and schedule not in SCHEDULE_NAMES:
+        decay_constants(schedule, 0)  # raises ScheduleError with the list of names
+    if not (isinstance(schedule, str) or callable(schedule) or hasattr(schedule, "__len__")):
+        raise ScheduleError(f"schedule must be a name, a sequence or a callable, got {type(schedule).__name__}")
+
+
+def _count(analysis: Analysis) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in analysis.sites:
+        out[s.kind] = out.get(s.kind, 0) + 1
+    return out
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _device_of(gm: nn.Module) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _references(gm: fx.GraphModule, target: str) -> bool:
+    return any(n.op in ("get_attr", "call_module") and n.target == target for n in gm.graph.nodes)
+
+
+def _delete(root: nn.Module, target: str) -> None:
+    *path, name = target.split(".")
+    owner = root.get_submodule(".".join(path)) if path else root
+    delattr(owner, name)

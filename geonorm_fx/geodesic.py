@@ -1,0 +1,91 @@
+"""The geodesic residual update of GEONORM.md section 2, as ordinary PyTorch.
+
+The same code runs in eager mode, is traced by torch.export, fused by Inductor and translated to ONNX.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InvalidInputError
+
+#: ``R`` is floored here; a token whose state norm is below it falls back to ``x + s``.
+R_FLOOR = 1e-6
+#: ``|v|`` is floored here; a token whose tangent norm is below it keeps ``x`` unchanged.
+V_FLOOR = 1e-8
+#: ``r2 = <x, x>`` is floored here before dividing by it.
+R2_FLOOR = 1e-12
+
+Scalar = Union[float, Tensor]
+
+
+def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0.0,
+                  decay: Scalar = 1.0, clamp: float = math.pi / 4) -> Tensor:
+    """Move ``x`` along the great circle of radius ``|x|`` towards the tangent part of ``s``.
+
+    Per token, over the last dimension (all arithmetic in float32, result cast to the promoted dtype
+    of ``x`` and ``s``)::
+
+        r2  = <x, x>,  R = sqrt(max(r2, 1e-12))
+        v   = s - (<x, s> / max(r2, 1e-12)) x          # tangent projection, <v, x> = 0
+        th0 = min(|v| / R, clamp)
+        th  = clip((scale * th0 + bias) * decay, -clamp, clamp)
+        out = cos(th) x + sin(th) R v / max(|v|, 1e-8)  # exp map, |out| == |x|
+
+    Fallbacks: a token with ``R < 1e-6`` returns ``x + s``; a token with ``|v| < 1e-8`` (``s``
+    parallel to ``x``) returns ``x``. Only the tangent part of ``s`` moves the state. Gradients stay
+    finite at both guards because every divisor and square root is floored.
+    """
+    if x.shape != s.shape:
+        raise InvalidInputError(
+            f"geodesic_step needs x and s of the same shape, got {tuple(x.shape)} and {tuple(s.shape)}")
+    out_dtype = torch.result_type(x, s)
+    xf = x.float()
+    sf = s.float()
+    r2 = (xf * xf).sum(-1, keepdim=True)
+    r2_safe = r2.clamp_min(R2_FLOOR)
+    radius = r2_safe.sqrt()
+    v = sf - ((xf * sf).sum(-1, keepdim=True) / r2_safe) * xf
+    v2 = (v * v).sum(-1, keepdim=True)
+    v_norm = v2.clamp_min(V_FLOOR * V_FLOOR).sqrt()
+    theta0 = torch.clamp(v_norm / radius, max=clamp)
+    theta = ((scale * theta0 + bias) * decay).clamp(-clamp, clamp)
+    out = torch.cos(theta) * xf + (torch.sin(theta) * radius / v_norm) * v
+    out = torch.where(v2 < V_FLOOR * V_FLOOR, xf, out)
+    out = torch.where(r2 < R_FLOOR * R_FLOOR, xf + sf, out)
+    return out.to(out_dtype)
+
+
+class GeodesicUpdate(nn.Module):
+    """``forward(x, s) = geodesic_step(x, s, scale, bias, decay, clamp)`` for one residual site.
+
+    ``scale`` (init 1) and ``bias`` (init 0) are 0-dim parameters when ``learnable`` is true and plain
+    constants otherwise; ``decay`` is the site's layer-wise decay constant (GEONORM.md section 3).
+    """
+
+    def __init__(self, decay: float = 1.0, clamp: float = math.pi / 4, learnable: bool = True):
+        super().__init__()
+        decay = float(decay)
+        clamp = float(clamp)
+        if not math.isfinite(decay):
+            raise InvalidInputError(f"decay must be finite, got {decay}")
+        if not (0.0 < clamp <= math.pi):
+            raise InvalidInputError(f"clamp must be an angle in (0, pi], got {clamp}")
+        self.decay = decay
+        self.clamp = clamp
+        self.learnable = bool(learnable)
+        if self.learnable:
+            self.scale = nn.Parameter(torch.ones(()))
+            self.bias = nn.Parameter(torch.zeros(()))
+        else:
+            self.scale = 1.0
+            self.bias = 0.0
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        return geodesic_step(x, s, scale=self.scale, bias=self.bias, decay=self.decay, clamp=self.clamp)
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay:.6g}, clamp={self.clamp:.6g}, learnable={self.learnable}"

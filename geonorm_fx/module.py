@@ -1,0 +1,117 @@
+"""The converted model: an ordinary ``nn.Module`` that runs one rewritten fx graph per mode.
+
+It owns the source's parameters and buffers under their original names (``state_dict`` keys are
+kept) and the geodesic updates under one submodule. ``forward`` runs the graph captured in the
+current mode (``self.training``), so ``.train()`` / ``.eval()`` switch dropout and every other
+mode-dependent behaviour. It deep-copies, moves between devices, and is traced again by
+torch.export / torch.compile like any module.
+"""
+from __future__ import annotations
+
+import itertools
+import linecache
+
+from torch import fx, nn
+
+from .report import Report
+
+_counter = itertools.count()
+
+
+class GeoNormModule(nn.Module):
+    """A model rewritten by :func:`geonorm_fx.convert`; ``geonorm_report`` says what was rewritten."""
+
+    def __init__(self, graphs: dict[str, fx.GraphModule], report: Report):
+        super().__init__()
+        root = graphs["eval"] if "eval" in graphs else next(iter(graphs.values()))
+        for name, child in root.named_children():
+            self.add_module(name, child)
+        for name, param in root._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in root._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(root, attr):
+                setattr(self, attr, getattr(root, attr))
+        self._geonorm_graphs = {mode: self._adopt(gm, root) for mode, gm in graphs.items()}
+        self.geonorm_report = report
+        self._compile()
+
+    def _adopt(self, gm: fx.GraphModule, root: fx.GraphModule) -> fx.Graph:
+        """Make every attribute the graph reads resolvable on ``self``; an attribute whose name is
+        taken by another object (a per-mode constant or guard) is renamed."""
+        for node in gm.graph.nodes:
+            if node.op not in ("get_attr", "call_module"):
+                continue
+            obj = _lookup(gm, node.target)
+            mine = _lookup(self, node.target)
+            if mine is obj:
+                continue
+            if mine is None and gm is root:
+                _assign(self, node.target, obj)
+                continue
+            new_name = f"_geonorm_{id(gm):x}_{node.target.replace('.', '_')}"
+            _assign(self, new_name, obj)
+            node.target = new_name
+        return gm.graph
+
+    def _compile(self) -> None:
+        self._geonorm_forward = {mode: _compile_graph(g) for mode, g in self._geonorm_graphs.items()}
+
+    def forward(self, *args, **kwargs):
+        mode = "train" if self.training else "eval"
+        fn = self._geonorm_forward.get(mode) or next(iter(self._geonorm_forward.values()))
+        return fn(self, *args, **kwargs)
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The rewritten graph of the current mode."""
+        return self._geonorm_graphs["train" if self.training and "train" in self._geonorm_graphs else "eval"]
+
+    @property
+    def code(self) -> str:
+        return self.graph.python_code(root_module="self").src
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_geonorm_forward", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+
+def _compile_graph(graph: fx.Graph):
+    code = graph.python_code(root_module="self")
+    filename = f"<geonorm_fx generated forward {next(_counter)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx codegen, as GraphModule does
+    return namespace["forward"]
+
+
+def _lookup(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _assign(module: nn.Module, target: str, obj) -> None:
+    *path, name = target.split(".")
+    owner = module
+    for part in path:
+        nxt = getattr(owner, part, None)
+        if nxt is None:
+            nxt = nn.Module()
+            owner.add_module(part, nxt)
+        owner = nxt
+    if isinstance(obj, nn.Module):
+        owner.add_module(name, obj)
+    elif isinstance(obj, nn.Parameter):
+        owner.register_parameter(name, obj)
+    else:
+        setattr(owner, name, obj)

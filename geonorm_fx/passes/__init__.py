@@ -1,0 +1,2 @@
+"""The compiler pass: op vocabulary (ops), normalization finder (norms), residual-site analysis (sites),
+graph rewrite (rewrite)."""

@@ -1,0 +1,362 @@
+"""The op vocabulary: the one place that knows how aten, torch-level and call_module graphs spell
+"add", "layer_norm", "rms_norm", a value-preserving cast or view, dropout, and a shape-only read.
+
+:class:`GraphView` wraps an ``fx.GraphModule`` and answers semantic questions about its nodes, so
+the passes never test op spellings themselves.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_ADD_ATEN = {aten.add.Tensor, aten.add_.Tensor}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
+_MUL_ATEN = {aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar}
+_MUL_METHODS = {"mul", "mul_", "__mul__"}
+
+# Ops whose output equals their first input in value (up to dtype, layout or dropout noise).
+_VALUE_PRESERVING_ATEN = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
+    aten.type_as.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.lift_fresh_copy.default, aten.dropout.default, aten.feature_dropout.default,
+    aten.alpha_dropout.default, aten.feature_alpha_dropout.default,
+}
+_VALUE_PRESERVING_FUNCS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.dropout, torch.clone,
+}
+_VALUE_PRESERVING_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "clone",
+                             "contiguous"}
+_VALUE_PRESERVING_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                             nn.FeatureAlphaDropout, nn.Identity)
+_TUPLE_DROPOUT_ATEN = {aten.native_dropout.default}
+
+_CAST_ATEN = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
+              aten.type_as.default}
+_CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
+
+_VIEW_ATEN = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+              aten.unflatten.int}
+_VIEW_FUNCS = {torch.reshape, torch.flatten}
+_VIEW_METHODS = {"view", "reshape", "flatten", "unflatten"}
+
+# Ops that read only the shape, dtype or device of their tensor inputs, not their values.
+_SHAPE_ONLY_ATEN = {
+    aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default, aten.new_full.default, aten._assert_tensor_metadata.default,
+}
+_SHAPE_ONLY_FUNCS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
+                     torch.rand_like, torch.randn_like, builtins.getattr, builtins.len}
+_SHAPE_ONLY_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
+                       "get_device"}
+
+_RSQRT = ({aten.rsqrt.default}, {torch.rsqrt}, {"rsqrt"})
+_SQRT = ({aten.sqrt.default}, {torch.sqrt}, {"sqrt"})
+_MEAN = ({aten.mean.dim}, {torch.mean}, {"mean"})
+_POW = ({aten.pow.Tensor_Scalar}, {torch.pow, operator.pow}, {"pow", "__pow__"})
+_SQUARE = ({aten.square.default}, {torch.square}, {"square"})
+_DIV = ({aten.div.Tensor}, {operator.truediv, torch.div}, {"div", "__truediv__"})
+
+_LAYER_NORM_ATEN = {aten.layer_norm.default}
+_LAYER_NORM_TUPLE_ATEN = {aten.native_layer_norm.default}
+_LAYER_NORM_FUNCS = {F.layer_norm, torch.layer_norm}
+_RMS_NORM_ATEN = {aten.rms_norm.default}
+_RMS_NORM_TUPLE_ATEN = {getattr(aten, "_fused_rms_norm").default} if hasattr(aten, "_fused_rms_norm") else set()
+_RMS_NORM_FUNCS = {F.rms_norm, torch.rms_norm} if hasattr(F, "rms_norm") else set()
+_RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
+def qualified_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class GraphView:
+    """Semantic queries over one ``fx.GraphModule``: node order, data edges, op meaning."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.modules = dict(gm.named_modules())
+        self._root_cache: dict[fx.Node, fx.Node] = {}
+        self._users_cache: dict[fx.Node, list[fx.Node]] = {}
+
+    # ----- generic node facts -------------------------------------------------------------------
+    def matches(self, node: fx.Node, spelling: tuple[set, set, set]) -> bool:
+        """``spelling`` is (aten overloads, torch-level callables, Tensor method names)."""
+        aten_ops, funcs, methods = spelling
+        if node.op == "call_function":
+            return node.target in aten_ops or node.target in funcs
+        if node.op == "call_method":
+            return node.target in methods
+        return False
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    @staticmethod
+    def value(node) -> object:
+        return node.meta.get("val", node.meta.get("tensor_meta")) if isinstance(node, fx.Node) else node
+
+    def is_tensor(self, node) -> bool:
+        """True when the node produces a tensor (unknown nodes count as tensors, get_attr included)."""
+        if not isinstance(node, fx.Node):
+            return False
+        val = self.value(node)
+        if val is None:
+            return node.op in ("placeholder", "get_attr", "call_function", "call_method", "call_module")
+        return isinstance(val, torch.Tensor) or type(val).__name__ == "TensorMetadata"
+
+    def shape(self, node) -> tuple | None:
+        val = self.value(node)
+        shape = getattr(val, "shape", None)
+        return tuple(shape) if shape is not None else None
+
+    def dtype(self, node) -> torch.dtype | None:
+        return getattr(self.value(node), "dtype", None)
+
+    def last_dim(self, node):
+        shape = self.shape(node)
+        return shape[-1] if shape else None
+
+    def ndim(self, node) -> int | None:
+        shape = self.shape(node)
+        return len(shape) if shape is not None else None
+
+    # ----- data edges ---------------------------------------------------------------------------
+    def is_shape_only(self, node: fx.Node) -> bool:
+        """The node reads only metadata (shape, dtype, device) of its tensor inputs."""
+        if node.op == "call_function":
+            return node.target in _SHAPE_ONLY_ATEN or node.target in _SHAPE_ONLY_FUNCS
+        if node.op == "call_method":
+            return node.target in _SHAPE_ONLY_METHODS
+        return False
+
+    def carries_data(self, node) -> bool:
+        """True unless the node is known to produce only a number (a size, a flag) or nothing."""
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "output":
+            return True
+        val = self.value(node)
+        if val is None:
+            return not self.is_shape_only(node)
+        if isinstance(val, (tuple, list)):
+            return any(isinstance(v, torch.Tensor) for v in val)
+        return isinstance(val, torch.Tensor) or type(val).__name__ == "TensorMetadata"
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Inputs whose values flow into ``node`` (shape-only reads and number-valued inputs excluded)."""
+        if self.is_shape_only(node) or not self.carries_data(node):
+            return []
+        return [i for i in node.all_input_nodes if self.carries_data(i)]
+
+    def data_users(self, node: fx.Node) -> list[fx.Node]:
+        """Nodes that read the value of ``node`` (shape-only reads excluded)."""
+        cached = self._users_cache.get(node)
+        if cached is None:
+            cached = [u for u in node.users if node in self.data_inputs(u)]
+            self._users_cache[node] = cached
+        return cached
+
+    # ----- see-through ops ----------------------------------------------------------------------
+    def passthrough_input(self, node: fx.Node) -> fx.Node | None:
+        """If ``node`` preserves its input's value (cast, clone, dropout, identity, a view that keeps
+        the last dim), return that input; else None."""
+        if node.op == "call_function":
+            t = node.target
+            if t in _VALUE_PRESERVING_ATEN or t in _VALUE_PRESERVING_FUNCS:
+                return self._first_tensor_arg(node)
+            if t is operator.getitem and node.args[1] == 0 and isinstance(node.args[0], fx.Node) \
+                    and node.args[0].op == "call_function" and node.args[0].target in _TUPLE_DROPOUT_ATEN:
+                return self._first_tensor_arg(node.args[0])
+            if t in _VIEW_ATEN or t in _VIEW_FUNCS:
+                return self._view_input(node)
+        elif node.op == "call_method":
+            if node.target in _VALUE_PRESERVING_METHODS:
+                return self._first_tensor_arg(node)
+            if node.target in _VIEW_METHODS:
+                return self._view_input(node)
+        elif node.op == "call_module":
+            if isinstance(self.module(node), _VALUE_PRESERVING_MODULES):
+                return self._first_tensor_arg(node)
+        return None
+
+    def is_cast(self, node: fx.Node) -> bool:
+        """A dtype/device conversion (value-preserving)."""
+        if node.op == "call_function":
+            return node.target in _CAST_ATEN
+        return node.op == "call_method" and node.target in _CAST_METHODS
+
+    def _first_tensor_arg(self, node: fx.Node) -> fx.Node | None:
+        arg = node.args[0] if node.args else node.kwargs.get("input")
+        return arg if isinstance(arg, fx.Node) else None
+
+    def _view_input(self, node: fx.Node) -> fx.Node | None:
+        src = self._first_tensor_arg(node)
+        if src is None:
+            return None
+        a, b = self.shape(src), self.shape(node)
+        if a is None or b is None or not a or not b:
+            return None
+        same_last = _same_size(a[-1], b[-1])
+        return src if same_last else None
+
+    def root(self, node: fx.Node) -> fx.Node:
+        """Follow value-preserving ops upwards to the node that computed the value."""
+        cached = self._root_cache.get(node)
+        if cached is not None:
+            return cached
+        cur = node
+        seen = []
+        while True:
+            src = self.passthrough_input(cur)
+            if src is None:
+                break
+            seen.append(cur)
+            cur = src
+        for n in seen + [node]:
+            self._root_cache[n] = cur
+        return cur
+
+    # ----- arithmetic ---------------------------------------------------------------------------
+    def add_operands(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """For ``a + b`` with two tensor operands (unit alpha), return ``(a, b)``."""
+        if node.op == "call_function" and (node.target in _ADD_ATEN or node.target in _ADD_FUNCS):
+            if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+                return None
+        elif not (node.op == "call_method" and node.target in _ADD_METHODS):
+            return None
+        args = list(node.args[:2])
+        if len(args) < 2:
+            args.append(node.kwargs.get("other"))
+        if all(isinstance(a, fx.Node) and self.is_tensor(a) for a in args):
+            return args[0], args[1]
+        return None
+
+    def mul_operands(self, node: fx.Node) -> tuple[object, object] | None:
+        """For ``a * b`` return ``(a, b)`` (either may be a number)."""
+        if node.op == "call_function" and (node.target in _MUL_ATEN or node.target in _MUL_FUNCS):
+            return node.args[0], node.args[1]
+        if node.op == "call_method" and node.target in _MUL_METHODS:
+            return node.args[0], node.args[1]
+        return None
+
+    def add_scalar_operand(self, node: fx.Node) -> tuple[fx.Node, float] | None:
+        """For ``t + c`` with a Python number ``c`` return ``(t, c)``."""
+        if node.op == "call_function" and node.target in (_ADD_ATEN | _ADD_FUNCS | {aten.add.Scalar}):
+            args = node.args
+        elif node.op == "call_method" and node.target in _ADD_METHODS:
+            args = node.args
+        else:
+            return None
+        if len(args) == 2:
+            a, b = args
+            if isinstance(a, fx.Node) and isinstance(b, (int, float)):
+                return a, float(b)
+            if isinstance(b, fx.Node) and isinstance(a, (int, float)):
+                return b, float(a)
+        return None
+
+    def is_rsqrt(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.matches(node, _RSQRT)
+
+    def is_sqrt(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.matches(node, _SQRT)
+
+    def is_div(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.matches(node, _DIV)
+
+    def mean_over(self, node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
+        """For a mean reduction return ``(input, dims, keepdim)``."""
+        if not self.matches(node, _MEAN):
+            return None
+        args = list(node.args)
+        src = args[0]
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or not isinstance(src, fx.Node):
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return src, dims, bool(keepdim)
+
+    def squared_input(self, node: fx.Node) -> fx.Node | None:
+        """For ``u ** 2``, ``u * u`` or ``square(u)`` return ``u``."""
+        if self.matches(node, _POW) and len(node.args) >= 2 and node.args[1] == 2 \
+                and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+        if self.matches(node, _SQUARE) and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+        ops = self.mul_operands(node)
+        if ops and isinstance(ops[0], fx.Node) and ops[0] is ops[1]:
+            return ops[0]
+        return None
+
+    def is_last_dim(self, node: fx.Node, dims: Sequence[int]) -> bool:
+        """True when ``dims`` names exactly the last dimension of ``node``."""
+        if len(dims) != 1:
+            return False
+        ndim = self.ndim(node)
+        return dims[0] == -1 or (ndim is not None and dims[0] == ndim - 1)
+
+    # ----- module structure ---------------------------------------------------------------------
+    @staticmethod
+    def module_stack(node: fx.Node) -> list[tuple[str, str, str]]:
+        """``[(invocation key, module path, class name), ...]`` from outermost to innermost."""
+        stack = node.meta.get("nn_module_stack") or {}
+        out = []
+        for key, (path, cls) in stack.items():
+            cls_name = cls if isinstance(cls, str) else qualified_name(cls)
+            out.append((str(key), _clean_path(path), cls_name))
+        return out
+
+    def module_path(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        stack = self.module_stack(node)
+        return stack[-1][1] if stack else ""
+
+    def inside_module_class(self, node: fx.Node, class_names: Iterable[str]) -> bool:
+        names = set(class_names)
+        return any(cls in names for _, _, cls in self.module_stack(node))
+
+
+def _clean_path(path: str) -> str:
+    """``"L['self'].model.layers[0]"`` style paths (strict export) become ``"model.layers.0"``."""
+    p = str(path)
+    if p.startswith("L['self']"):
+        p = p[len("L['self']"):].lstrip(".")
+    p = p.replace("[", ".").replace("]", "").replace("'", "").replace("..", ".")
+    return p.strip(".")
+
+
+def _same_size(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # symbolic sizes that cannot be decided
+        return str(a) == str(b)
+
+
+def norm_spellings():
+    """The whole-op normalization spellings, for :mod:`geonorm_fx.passes.norms`."""
+    return {
+        "layer_norm_ops": _LAYER_NORM_ATEN | _LAYER_NORM_FUNCS,
+        "layer_norm_tuple_ops": _LAYER_NORM_TUPLE_ATEN,
+        "rms_norm_ops": _RMS_NORM_ATEN | _RMS_NORM_FUNCS,
+        "rms_norm_tuple_ops": _RMS_NORM_TUPLE_ATEN,
+        "layer_norm_modules": (nn.LayerNorm,),
+        "rms_norm_modules": _RMS_NORM_MODULES,
+    }

@@ -1,0 +1,58 @@
+"""Rewrite residual sites into geodesic updates, in place on an ``fx.GraphModule``.
+
+``pre``:  ``a = x + s``        becomes ``geo_i(x, s)``; the branch-input norm stays.
+``post``: ``y = N(x + s)``     becomes ``geo_i(x, s)``; the norm (and its affine) is removed.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from .ops import GraphView
+from .sites import SiteMatch
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]) -> set[str]:
+    """Replace each site by a ``call_module`` to ``targets[i]`` (a :class:`GeodesicUpdate` already
+    registered on ``gm``); erase the nodes that became dead (the add, removed norms) and return the
+    ``get_attr`` / ``call_module`` targets that no node of the graph references any more."""
+    graph = gm.graph
+    view = GraphView(gm)
+    candidates: set[fx.Node] = set()
+    replaced: dict[fx.Node, fx.Node] = {}  # a later site's operand may be an earlier site's output
+    for site, target in zip(sites, targets):
+        with graph.inserting_before(site.add):
+            update = graph.call_module(target, (replaced.get(site.x, site.x), replaced.get(site.s, site.s)))
+        update.meta = dict(site.output.meta)
+        site.output.replace_all_uses_with(update)
+        replaced[site.output] = update
+        candidates.add(site.add)
+        if site.kind != "pre":
+            candidates |= site.norm.nodes
+    dropped = _erase_dead(graph, view, candidates)
+    graph.lint()
+    gm.recompile()
+    still_used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    return {t for t in dropped if t not in still_used}
+
+
+def _erase_dead(graph: fx.Graph, view: GraphView, candidates: set[fx.Node]) -> set[str]:
+    """Erase candidates (and the shape-only asserts and parameter reads hanging off them) that no
+    longer have users, latest first."""
+    dropped: set[str] = set()
+    for node in reversed(list(graph.nodes)):
+        if node not in candidates:
+            continue
+        for user in list(node.users):
+            if view.is_shape_only(user) and not user.users:
+                graph.erase_node(user)
+        if node.users:
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "call_module":
+            dropped.add(node.target)
+        graph.erase_node(node)
+        for inp in inputs:
+            if inp.op == "get_attr" and not inp.users:
+                dropped.add(inp.target)
+                graph.erase_node(inp)
+    return dropped

@@ -1,0 +1,99 @@
+"""What a conversion found: :class:`Site` (rewritten or rewritable), :class:`Skip` (a norm left alone)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+SITE_KINDS = ("pre", "post", "deepnorm", "sandwich", "respost", "parallel")
+NORM_KINDS = ("layer_norm", "rms_norm")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One residual-plus-normalization site.
+
+    ``kind``: one of :data:`SITE_KINDS`; ``norm``: ``"layer_norm"`` or ``"rms_norm"``; ``block``:
+    0-based block index along its residual stream; ``decay``: the block's decay constant; ``path``:
+    module path of the block (``""`` when the graph carries none); ``node``: the graph node of the
+    residual add; ``stream``: which residual stream (0 unless the model has several);
+    ``rewritten``: whether ``convert`` replaced it (``kinds=`` may leave some as they are).
+    """
+
+    kind: str
+    norm: str
+    block: int
+    decay: float
+    path: str = ""
+    node: str = ""
+    stream: int = 0
+    rewritten: bool = True
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A normalization that is not part of a rewritten site, with the reason in words."""
+
+    reason: str
+    node: str
+    path: str = ""
+
+
+@dataclass
+class Report:
+    """The result of :func:`geonorm_fx.inspect` / :func:`geonorm_fx.convert`."""
+
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    n_blocks: int = 0
+    schedule: str = "harmonic"
+    tracer: str = ""
+    dynamic: bool = True
+    removed_parameters: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of sites by kind, e.g. ``{"pre": 8}``."""
+        return dict(Counter(site.kind for site in self.sites))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of everything in the report."""
+        return {
+            "sites": [asdict(s) for s in self.sites],
+            "skipped": [asdict(s) for s in self.skipped],
+            "counts": self.counts(),
+            "n_blocks": self.n_blocks,
+            "schedule": self.schedule,
+            "tracer": self.tracer,
+            "dynamic": self.dynamic,
+            "removed_parameters": list(self.removed_parameters),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.sites)} site(s) in {self.n_blocks} block(s) "
+                 f"[{', '.join(f'{k}={v}' for k, v in sorted(self.counts().items())) or 'none'}], "
+                 f"schedule={self.schedule}, tracer={self.tracer}, dynamic={self.dynamic}"]
+        if self.sites:
+            rows = [("kind", "norm", "block", "decay", "path", "node")]
+            rows += [(s.kind + ("" if s.rewritten else " (kept)"), s.norm, str(s.block),
+                      f"{s.decay:.4g}", s.path or "-", s.node) for s in self.sites]
+            lines += _table(rows)
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} norm(s) skipped:")
+            lines += _table([("node", "path", "reason")]
+                            + [(s.node, s.path or "-", s.reason) for s in self.skipped])
+        if self.removed_parameters:
+            lines.append("removed parameters (post-norms): " + ", ".join(self.removed_parameters))
+        return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, row in enumerate(rows):
+        out.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if j == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
