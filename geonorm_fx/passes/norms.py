@@ -85,7 +85,9 @@ def _whole_op(view: GraphView, node: fx.Node, spell: dict) -> NormMatch | None:
             return None
         output = firsts[0]
         nodes |= set(node.users)  # mean / rstd outputs belong to the norm too
-    dims = 1 if isinstance(shape, int) else len(shape) if shape is not None else 1
+    if isinstance(shape, fx.Node):  # e.g. F.layer_norm(x, x.shape[-1:]) traced by fx
+        shape = shape.meta.get("val")
+    dims = 1 if isinstance(shape, int) or shape is None else len(shape)
     _add_input_casts(view, inp, nodes)
     return NormMatch(kind, inp, view.root(inp), output, nodes, dims, view.module_path(node))
 
