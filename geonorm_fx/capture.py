@@ -111,17 +111,24 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     return shapes.dynamic_shapes(model, args, kwargs)
 
 
+def _fresh(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Copies of the example tensors: export tags its input tensors (dynamic dims), and a failed
+    dynamic attempt would otherwise leak into the static retry and into the caller's tensors."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, warn: bool):
     dynamic_error = None
     if dynamic:
+        a, k = _fresh(args, kwargs)
         try:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs),
-                                     strict=False)
+            ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k), strict=False)
             return ep.module(), True
         except Exception as e:  # noqa: BLE001 - retried statically below
             dynamic_error = e
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        a, k = _fresh(args, kwargs)
+        ep = torch.export.export(model, a, k, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with a reason and a fix
         raise CaptureError(_capture_message(model, "torch.export", e)) from e
     if dynamic_error is not None and warn:

@@ -33,11 +33,11 @@ class GeoNormModule(nn.Module):
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(root, attr):
                 setattr(self, attr, getattr(root, attr))
-        self._geonorm_graphs = {mode: self._adopt(gm, root) for mode, gm in graphs.items()}
+        self._geonorm_graphs = {mode: self._adopt(mode, gm, root) for mode, gm in graphs.items()}
         self.geonorm_report = report
         self._compile()
 
-    def _adopt(self, gm: fx.GraphModule, root: fx.GraphModule) -> fx.Graph:
+    def _adopt(self, mode: str, gm: fx.GraphModule, root: fx.GraphModule) -> fx.Graph:
         """Make every attribute the graph reads resolvable on ``self``; an attribute whose name is
         taken by another object (a per-mode constant or guard) is renamed."""
         for node in gm.graph.nodes:
@@ -50,9 +50,10 @@ class GeoNormModule(nn.Module):
             if mine is None and gm is root:
                 _assign(self, node.target, obj)
                 continue
-            new_name = f"_geonorm_{id(gm):x}_{node.target.replace('.', '_')}"
+            new_name = f"_geonorm_{mode}_{node.target.replace('.', '_')}"
             _assign(self, new_name, obj)
             node.target = new_name
+        gm.graph.owning_module = self
         return gm.graph
 
     def _compile(self) -> None:

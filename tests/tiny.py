@@ -146,3 +146,62 @@ class Stack(nn.Module):
 def tokens(batch=2, seq=6, vocab=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+class QKNormMixer(nn.Module):
+    """Attention-like branch with a QK-norm and a norm over the last two dims inside it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.q_norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k = self.q_norm(self.q(x)), self.k(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        h = att @ self.v(x)
+        h = F.layer_norm(h, h.shape[-2:])  # over (seq, d): not a last-dim norm
+        return self.out(h)
+
+
+class OddNormsModel(nn.Module):
+    """Token + position embeddings summed, an embedding norm, one Pre-Norm block whose mixer has a
+    QK-norm and a 2-dim norm, a final norm, a head: exactly 2 sites and 4 skipped norms."""
+
+    def __init__(self, d=16, vocab=32, seq=64):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.emb_norm = nn.LayerNorm(d)
+        self.norm1, self.mix = nn.LayerNorm(d), QKNormMixer(d)
+        self.norm2, self.mlp = nn.RMSNorm(d), MLP(d)
+        self.final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.emb_norm(self.tok(tokens) + self.pos(pos))
+        x = x + self.mix(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.final(x))
+
+
+class FlatPreNorm(nn.Module):
+    """Four Pre-Norm sites written in the model's own forward (no block modules to group by)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(d) for _ in range(4))
+        self.fs = nn.ModuleList(nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        x = x + self.fs[0](self.norms[0](x))
+        x = x + self.fs[1](self.norms[1](x))
+        x = x + self.fs[2](self.norms[2](x))
+        return x + self.fs[3](self.norms[3](x))
+
+
+def factory():
+    """A ``module:factory`` spec for the CLI tests."""
+    torch.manual_seed(0)
+    return Stack(PreNormBlock, depth=2).eval(), (tokens(),)

@@ -1,0 +1,92 @@
+"""Capture: dynamic dims by default, static fallback with a warning, clear CaptureErrors."""
+import pytest
+import torch
+from torch import nn
+
+import geonorm_fx as gf
+from geonorm_fx.capture import capture
+
+from .tiny import PreNormBlock, Stack, tokens
+
+
+def test_export_capture_is_dynamic_in_batch_and_sequence():
+    cap = capture(Stack(PreNormBlock, depth=1).eval(), (tokens(),), modes=("eval",))
+    assert cap.tracer == "export" and cap.dynamic
+    placeholder = next(n for n in cap.graphs["eval"].graph.nodes if n.op == "placeholder")
+    assert all(isinstance(d, torch.SymInt) for d in placeholder.meta["val"].shape)
+
+
+def test_both_modes_are_captured_and_share_parameters():
+    cap = capture(Stack(PreNormBlock, depth=1, p=0.2), (tokens(),))
+    assert set(cap.graphs) == {"eval", "train"}
+    ev, tr = cap.graphs["eval"], cap.graphs["train"]
+    assert ev.get_parameter("blocks.0.mix.inp.weight") is tr.get_parameter("blocks.0.mix.inp.weight")
+    flags = {mode: [n.args[2] for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+             for mode, gm in cap.graphs.items()}
+    assert flags["eval"] and not any(flags["eval"]) and all(flags["train"])
+
+
+class StaticOnly(nn.Module):
+    """Stands in for a model whose code cannot run on symbolic sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.f = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if not isinstance(x.shape[0], int):
+            raise RuntimeError("this model needs concrete sizes")
+        return x + self.f(self.norm(x))
+
+
+def test_static_fallback_warns_and_still_converts():
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(gf.GeoNormWarning, match="static shapes"):
+        module = gf.convert(StaticOnly(), (x,))
+    assert module.geonorm_report.dynamic is False
+    assert module.geonorm_report.counts() == {"pre": 1}
+    assert module(x).shape == x.shape
+
+
+def test_size_one_examples_warn():
+    with pytest.warns(gf.GeoNormWarning, match="sizes >= 2"):
+        gf.inspect(Stack(PreNormBlock, depth=1).eval(), (tokens(batch=1),))
+
+
+def test_data_dependent_control_flow_gives_a_capture_error_with_a_fix():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(gf.CaptureError, match=r"could not capture DataDependent.*Fix:"):
+        gf.inspect(DataDependent(), (torch.randn(2, 3),))
+    with pytest.raises(gf.CaptureError, match="symbolic_trace.*tracer='export'"):
+        gf.inspect(DataDependent(), (torch.randn(2, 3),), tracer="fx")
+
+
+def test_hugging_face_decoder_with_cache_gets_the_use_cache_hint():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(gf.CaptureError, match="use_cache=False"):
+        gf.convert(model, (ids,))
+    module = gf.convert(model, (ids,), {"use_cache": False})
+    assert module.geonorm_report.counts() == {"pre": 2}
+
+
+def test_kwargs_inputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.f = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x, *, scale=1.0, bias=None):
+            h = x + self.f(self.norm(x)) * scale
+            return h if bias is None else h + bias
+
+    x, b = torch.randn(2, 3, 8), torch.randn(8)
+    module = gf.convert(KW(), (x,), {"bias": b}).eval()
+    assert module.geonorm_report.counts() == {"pre": 1}
+    assert module(torch.randn(4, 5, 8), bias=b).shape == (4, 5, 8)
