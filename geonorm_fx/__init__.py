@@ -9,6 +9,7 @@ from .api import convert, inspect
 from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InvalidInputError,
                      NoSitesError, ScheduleError)
 from .geodesic import GeodesicUpdate, geodesic_step
+from .identity import prenorm_identity_gap
 from .module import GeoNormModule
 from .report import Report, Site, Skip
 from .schedules import decay_constants
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "inspect", "convert", "Report", "Site", "Skip", "geodesic_step", "GeodesicUpdate", "decay_constants",
-    "GeoNormModule", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
+    "GeoNormModule", "prenorm_identity_gap", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
     "ConversionError", "GeoNormWarning",
 ]

@@ -8,11 +8,13 @@ torch.export / torch.compile like any module.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import linecache
 
 from torch import fx, nn
 
+from .errors import GeoNormError
 from .report import Report
 
 _counter = itertools.count()
@@ -73,14 +75,22 @@ class GeoNormModule(nn.Module):
     def code(self) -> str:
         return self.graph.python_code(root_module="self").src
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_geonorm_forward", None)
-        return state
+    def __deepcopy__(self, memo):
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in self.__dict__.items():
+            if key != "_geonorm_forward":
+                twin.__dict__[key] = copy.deepcopy(value, memo)
+        for graph in twin._geonorm_graphs.values():
+            graph.owning_module = twin
+        twin._compile()
+        return twin
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._compile()
+    def __reduce_ex__(self, protocol):
+        raise GeoNormError(
+            "a converted module cannot be pickled (its fx graphs carry fake-tensor metadata): save "
+            "module.state_dict() and rebuild with geonorm_fx.convert(...), or deploy it with "
+            "torch.export.save(torch.export.export(module, args), path)")
 
 
 def _compile_graph(graph: fx.Graph):

@@ -1,5 +1,7 @@
 """The contract of convert(): no mutation, trainable, deep-copyable, modes, shapes, idempotence."""
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -189,3 +191,12 @@ def test_bad_inputs_raise_clear_errors():
         gf.convert(model, (tokens(),), clamp=-1.0)
     with pytest.raises(gf.GeoNormError, match="args must be a tuple"):
         gf.convert(model, {"tokens": tokens()})
+
+
+def test_pickling_refuses_with_advice_and_state_dict_saves(prenorm):
+    _, _, converted = prenorm
+    with pytest.raises(gf.GeoNormError, match="state_dict"):
+        pickle.dumps(converted)
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    assert buffer.tell() > 0

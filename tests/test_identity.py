@@ -1,0 +1,47 @@
+"""The detector proves itself: the Pre-Norm identity (GEONORM.md section 6) holds on every Pre-Norm model
+of the suite, so the detected sites really are the residual stream."""
+import pytest
+import torch
+
+import geonorm_fx as gf
+from geonorm_fx import zoo
+
+from .tiny import NORM_SPELLINGS, OddNormsModel, PostNormBlock, PreNormBlock, Stack, tokens
+
+
+def _small_eps(model):
+    """The identity needs norms that are scale-invariant in practice: eps far below the stream's scale."""
+    for m in model.modules():
+        for attr in ("eps", "variance_epsilon"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 1e-12)
+    return model
+
+
+@pytest.mark.parametrize("spelling", NORM_SPELLINGS)
+def test_identity_on_hand_written_prenorm_stacks(spelling):
+    model = _small_eps(Stack(PreNormBlock, depth=4, spelling=spelling)).eval()
+    assert gf.prenorm_identity_gap(model, (tokens(),)) < 1e-3
+
+
+@pytest.mark.parametrize("spec", ["hf:gpt2", "hf:llama", "hf:vit", "hf:t5"])
+def test_identity_on_hugging_face_prenorm_models(spec):
+    pytest.importorskip("transformers")
+    built = zoo.load(spec)
+    assert gf.prenorm_identity_gap(_small_eps(built.model), built.args) < 1e-3
+
+
+def test_identity_with_qk_norms_and_embedding_norm():
+    assert gf.prenorm_identity_gap(_small_eps(OddNormsModel()).eval(), (tokens(),)) < 1e-3
+
+
+def test_identity_detects_a_wrong_stream():
+    """Rescaling something that is not the residual stream changes the output: the check can fail."""
+    model = _small_eps(Stack(PreNormBlock, depth=3, final_norm=False)).eval()  # no final norm: not invariant
+    assert gf.prenorm_identity_gap(model, (tokens(),)) > 1e-2
+
+
+def test_identity_refuses_post_norm_models():
+    with pytest.raises(gf.GeoNormError, match="pure Pre-Norm"):
+        gf.prenorm_identity_gap(Stack(PostNormBlock, depth=2, final_norm=False).eval(), (tokens(),))
+
