@@ -128,6 +128,15 @@ class GraphView:
     def dtype(self, node) -> torch.dtype | None:
         return getattr(self.value(node), "dtype", None)
 
+    def same_shape(self, *nodes) -> bool:
+        """True when all nodes have the same (non-scalar) shape, or some shape is unknown."""
+        shapes = [self.shape(n) for n in nodes]
+        if any(s is None for s in shapes):
+            return True
+        first = shapes[0]
+        return bool(first) and all(len(s) == len(first) and all(_same_size(a, b) for a, b in zip(s, first))
+                                   for s in shapes[1:])
+
     def last_dim(self, node):
         shape = self.shape(node)
         return shape[-1] if shape else None

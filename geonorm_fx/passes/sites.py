@@ -64,7 +64,7 @@ def analyze(view: GraphView) -> Analysis:
         if node in geo_nodes or node in norm_nodes:
             continue
         operands = view.add_operands(node)
-        if operands is None or not _same_shape(view, node, *operands):
+        if operands is None or not view.same_shape(node, *operands):
             continue
         site = _classify(view, node, operands, by_source)
         if site is not None:
@@ -125,22 +125,6 @@ def _exclusive_norm(view: GraphView, add: fx.Node, by_source) -> NormMatch | Non
 def _only_read_by(view: GraphView, node: fx.Node, allowed: set) -> bool:
     users = view.data_users(node)
     return bool(users) and all(u in allowed for u in users)
-
-
-def _same_shape(view: GraphView, out: fx.Node, a: fx.Node, b: fx.Node) -> bool:
-    shapes = [view.shape(n) for n in (out, a, b)]
-    if any(s is None for s in shapes):
-        return True
-    if not shapes[0]:
-        return False
-    return all(len(s) == len(shapes[0]) and all(_eq(p, q) for p, q in zip(s, shapes[0])) for s in shapes[1:])
-
-
-def _eq(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return str(a) == str(b)
 
 
 def _geodesic_nodes(view: GraphView) -> set:
