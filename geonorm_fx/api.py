@@ -28,7 +28,7 @@ def inspect(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
     _check_schedule(schedule)
     cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, modes=("eval",))
     analysis = analyze(GraphView(cap.graphs["eval"]))
-    decays = decay_constants(schedule, analysis.n_blocks)
+    decays = _decays(schedule, analysis)
     return _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic)
 
 
@@ -56,7 +56,7 @@ def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", cla
                 f"the {mode}-mode graph has different residual sites than the eval-mode graph "
                 f"({len(analysis.sites)} vs {len(reference.sites)}): the model's structure depends on "
                 "its training mode; convert it in one mode with tracer='export' on an ExportedProgram")
-    decays = decay_constants(schedule, reference.n_blocks)
+    decays = _decays(schedule, reference)
     chosen = [i for i, s in enumerate(reference.sites) if kind_set is None or s.kind in kind_set]
     if strict and not chosen:
         found = ", ".join(f"{k}={v}" for k, v in sorted(_count(reference).items())) or "none"
@@ -65,7 +65,7 @@ def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", cla
     root = cap.graphs["eval"]
     prefix = _free_name(root, "geonorm")
     updates = nn.ModuleList(
-        GeodesicUpdate(decays[reference.sites[i].block], clamp, learnable) for i in chosen)
+        GeodesicUpdate(decays[i], clamp, learnable) for i in chosen)
     updates.to(_device_of(root))
     removed: set[str] = set()
     for mode, gm in cap.graphs.items():
@@ -86,14 +86,20 @@ def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_
     skipped = list(analysis.skipped)
     for i, s in enumerate(analysis.sites):
         if i in chosen:
-            sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[s.block],
+            sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[i],
                               path=s.path, node=s.add.name, stream=s.stream))
         else:
             skipped.append(Skip(reason=f"{s.kind} site left as it is: kind {s.kind!r} not in "
                                        f"kinds={sorted(kind_set or ())}", node=s.add.name, path=s.path))
     name = schedule if isinstance(schedule, str) else "custom"
     return Report(sites=sites, skipped=skipped, n_blocks=analysis.n_blocks, schedule=name,
-                  tracer=tracer, dynamic=dynamic)
+                  tracer=tracer, dynamic=dynamic, blocks_per_stream=list(analysis.blocks_per_stream))
+
+
+def _decays(schedule: Schedule, analysis: Analysis) -> list[float]:
+    """The decay constant of every site: each residual stream is scheduled over its own blocks."""
+    per_stream = [decay_constants(schedule, n) for n in analysis.blocks_per_stream]
+    return [per_stream[s.stream][s.block] for s in analysis.sites]
 
 
 def _check_kinds(kinds) -> set[str] | None:

@@ -27,7 +27,6 @@ class Site:
     path: str = ""
     node: str = ""
     stream: int = 0
-    rewritten: bool = True
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,7 @@ class Report:
     tracer: str = ""
     dynamic: bool = True
     removed_parameters: list[str] = field(default_factory=list)
+    blocks_per_stream: list[int] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of sites by kind, e.g. ``{"pre": 8}``."""
@@ -66,19 +66,21 @@ class Report:
             "tracer": self.tracer,
             "dynamic": self.dynamic,
             "removed_parameters": list(self.removed_parameters),
+            "blocks_per_stream": list(self.blocks_per_stream),
         }
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        lines = [f"{len(self.sites)} site(s) in {self.n_blocks} block(s) "
+        streams = f" on {len(self.blocks_per_stream)} residual streams" if len(self.blocks_per_stream) > 1 else ""
+        lines = [f"{len(self.sites)} site(s) in {self.n_blocks} block(s){streams} "
                  f"[{', '.join(f'{k}={v}' for k, v in sorted(self.counts().items())) or 'none'}], "
                  f"schedule={self.schedule}, tracer={self.tracer}, dynamic={self.dynamic}"]
         if self.sites:
-            rows = [("kind", "norm", "block", "decay", "path", "node")]
-            rows += [(s.kind + ("" if s.rewritten else " (kept)"), s.norm, str(s.block),
-                      f"{s.decay:.4g}", s.path or "-", s.node) for s in self.sites]
+            rows = [("kind", "norm", "stream", "block", "decay", "path", "node")]
+            rows += [(s.kind, s.norm, str(s.stream), str(s.block), f"{s.decay:.4g}", s.path or "-", s.node)
+                     for s in self.sites]
             lines += _table(rows)
         if self.skipped:
             lines.append(f"{len(self.skipped)} norm(s) skipped:")

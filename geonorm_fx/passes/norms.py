@@ -2,6 +2,9 @@
 
 Each match is a :class:`NormMatch`: its kind, the tensor it normalizes, the node that carries the
 result (after the affine weight/bias and trailing casts), and every node that belongs to it.
+Decomposed chains are recognised by what they compute, not by literals: RMSNorm is
+``u * rsqrt(mean(u**2) + eps)`` (or ``u / sqrt(...)``), LayerNorm the same over ``u - mean(u)``,
+whatever the casts, eps, or the order of the operands.
 """
 from __future__ import annotations
 
@@ -12,22 +15,25 @@ from torch import fx
 
 from .ops import GraphView, norm_spellings
 
+RESIDUAL_NORM_KINDS = ("layer_norm", "rms_norm")
+
 
 @dataclass(eq=False)
 class NormMatch:
     """One normalization: ``output = N(input)``; ``source`` is ``input`` seen through casts/aliases."""
 
-    kind: str                      # "layer_norm" | "rms_norm"
+    kind: str                      # "layer_norm" | "rms_norm" | "batch_norm" | "group_norm" | "instance_norm"
     input: fx.Node
     source: fx.Node
     output: fx.Node
     nodes: set = field(default_factory=set)   # every node of the norm, casts from the input included
-    trailing_dims: int = 1         # how many trailing dims it normalizes over
+    over: str = "the last dimension"
     path: str = ""
 
     @property
     def last_dim_only(self) -> bool:
-        return self.trailing_dims == 1
+        """A LayerNorm/RMSNorm over the last dimension: the only norms residual sites are built from."""
+        return self.kind in RESIDUAL_NORM_KINDS and self.over == "the last dimension"
 
     @property
     def name(self) -> str:
@@ -35,7 +41,7 @@ class NormMatch:
 
 
 def find_norms(view: GraphView, exclude: set | None = None) -> list[NormMatch]:
-    """Every LayerNorm / RMSNorm in the graph, in graph order. Nodes in ``exclude`` are ignored."""
+    """Every normalization in the graph, in graph order. Nodes in ``exclude`` are ignored."""
     exclude = exclude or set()
     spell = norm_spellings()
     found: list[NormMatch] = []
@@ -43,13 +49,24 @@ def find_norms(view: GraphView, exclude: set | None = None) -> list[NormMatch]:
     for node in view.nodes:
         if node in exclude or node in claimed:
             continue
-        match = _whole_op(view, node, spell) or _decomposed_rms(view, node)
+        match = _whole_op(view, node, spell) or _decomposed(view, node) or _other_norm(view, node)
         if match is None:
             continue
-        _absorb_affine(view, match)
+        if match.kind in RESIDUAL_NORM_KINDS:
+            _absorb_affine(view, match)
         claimed |= match.nodes
         found.append(match)
     return found
+
+
+def _over(view: GraphView, node: fx.Node, dims: list[int]) -> str:
+    if view.is_last_dim(node, dims):
+        return "the last dimension"
+    ndim = view.ndim(node)
+    norm_dims = sorted(d % ndim if ndim else d for d in dims)
+    if ndim and norm_dims == list(range(ndim - len(dims), ndim)):
+        return f"the last {len(dims)} dimensions"
+    return f"dimension(s) {norm_dims}"
 
 
 def _whole_op(view: GraphView, node: fx.Node, spell: dict) -> NormMatch | None:
@@ -87,13 +104,29 @@ def _whole_op(view: GraphView, node: fx.Node, spell: dict) -> NormMatch | None:
         nodes |= set(node.users)  # mean / rstd outputs belong to the norm too
     if isinstance(shape, fx.Node):  # e.g. F.layer_norm(x, x.shape[-1:]) traced by fx
         shape = shape.meta.get("val")
-    dims = 1 if isinstance(shape, int) or shape is None else len(shape)
+    n_dims = 1 if isinstance(shape, int) or shape is None else len(shape)
+    over = "the last dimension" if n_dims == 1 else f"the last {n_dims} dimensions"
     _add_input_casts(view, inp, nodes)
-    return NormMatch(kind, inp, view.root(inp), output, nodes, dims, view.module_path(node))
+    return NormMatch(kind, inp, view.root(inp), output, nodes, over, view.module_path(node))
 
 
-def _decomposed_rms(view: GraphView, node: fx.Node) -> NormMatch | None:
-    """``u * rsqrt(mean(u**2, -1, keepdim=True) + eps)`` (or ``u / sqrt(...)``), casts allowed."""
+def _centered(view: GraphView, node) -> tuple[fx.Node, fx.Node] | None:
+    """For ``u - mean(u, dim, keepdim=True)`` return ``(u, mean node)``."""
+    if not isinstance(node, fx.Node):
+        return None
+    ops = view.sub_operands(node)
+    if ops is None or not all(isinstance(o, fx.Node) for o in ops):
+        return None
+    u, m = ops
+    mean = view.mean_over(m)
+    if mean is None or not mean[2] or view.root(mean[0]) is not view.root(u):
+        return None
+    return u, m
+
+
+def _decomposed(view: GraphView, node: fx.Node) -> NormMatch | None:
+    """RMSNorm ``u * rsqrt(mean(u**2) + eps)`` or LayerNorm ``c * rsqrt(mean(c**2) + eps)`` with
+    ``c = u - mean(u)`` (``/ sqrt`` and ``var(u)`` forms too), anchored at the rsqrt/sqrt."""
     is_rsqrt = view.is_rsqrt(node)
     if not (is_rsqrt or view.is_sqrt(node)):
         return None
@@ -101,34 +134,69 @@ def _decomposed_rms(view: GraphView, node: fx.Node) -> NormMatch | None:
     if not isinstance(inner, fx.Node):
         return None
     eps = view.add_scalar_operand(inner)
-    mean_node = eps[0] if eps else inner
-    mean = view.mean_over(mean_node)
-    if mean is None:
+    reduced = eps[0] if eps else inner
+    nodes = {node, reduced} | ({inner} if eps else set())
+    mean = view.mean_over(reduced)
+    if mean is not None:
+        squared, dims, keepdim = mean
+        base = view.squared_input(squared)
+        nodes.add(squared)
+    else:
+        variance = view.variance_over(reduced)
+        if variance is None:
+            return None
+        base, dims, keepdim = variance
+        squared = reduced
+    if base is None or not keepdim:
         return None
-    squared, dims, keepdim = mean
-    u = view.squared_input(squared)
-    if u is None or not keepdim or not view.is_last_dim(squared, dims):
-        return None
+    centered = _centered(view, base) if mean is not None else (base, None)
+    kind = "layer_norm" if centered is not None else "rms_norm"
+    u = centered[0] if centered is not None else base
     source = view.root(u)
-    product = None
+    product = normalized = None
     for user in view.data_users(node):
         if is_rsqrt:
             ops = view.mul_operands(user)
             other = None if ops is None else ops[0] if ops[1] is node else ops[1] if ops[0] is node else None
         else:
             other = user.args[0] if view.is_div(user) and len(user.args) > 1 and user.args[1] is node else None
-        if isinstance(other, fx.Node) and view.root(other) is source:
-            product = user
-            normalized = other
+        if not isinstance(other, fx.Node):
+            continue
+        if kind == "layer_norm":  # the product is over u - mean(u), computed once or again
+            c = _centered(view, other)
+            ok = c is not None and view.root(c[0]) is source
+        else:
+            ok = view.root(other) is source
+        if ok:
+            product, normalized = user, other
             break
     if product is None:
         return None
-    nodes = {squared, mean_node, node, product}
-    if eps:
-        nodes.add(inner)
-    _add_input_casts(view, u, nodes, stop=source)
-    _add_input_casts(view, normalized, nodes, stop=source)
-    return NormMatch("rms_norm", u, source, product, nodes, 1, view.module_path(node))
+    nodes.add(product)
+    for value in {base, normalized}:
+        c = _centered(view, value)
+        if c is not None:
+            nodes |= {value, c[1]}
+            _add_input_casts(view, c[0], nodes, stop=source)
+            _add_input_casts(view, view.mean_over(c[1])[0], nodes, stop=source)
+        else:
+            _add_input_casts(view, value, nodes, stop=source)
+    return NormMatch(kind, u, source, product, nodes, _over(view, squared, dims), view.module_path(node))
+
+
+def _other_norm(view: GraphView, node: fx.Node) -> NormMatch | None:
+    kind = view.other_norm_kind(node)
+    if kind is None:
+        return None
+    inp = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(inp, fx.Node):
+        return None
+    output = node
+    if isinstance(view.value(node), (tuple, list)):
+        firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        output = firsts[0] if len(firsts) == 1 else node
+    over = {"batch_norm": "the batch", "group_norm": "channel groups", "instance_norm": "each instance"}[kind]
+    return NormMatch(kind, inp, view.root(inp), output, {node, output}, over, view.module_path(node))
 
 
 def _add_input_casts(view: GraphView, node: fx.Node, nodes: set, stop: fx.Node | None = None) -> None:

@@ -68,6 +68,20 @@ _MEAN = ({aten.mean.dim}, {torch.mean}, {"mean"})
 _POW = ({aten.pow.Tensor_Scalar}, {torch.pow, operator.pow}, {"pow", "__pow__"})
 _SQUARE = ({aten.square.default}, {torch.square}, {"square"})
 _DIV = ({aten.div.Tensor}, {operator.truediv, torch.div}, {"div", "__truediv__"})
+_SUB = ({aten.sub.Tensor}, {operator.sub, torch.sub}, {"sub", "__sub__"})
+_VAR = ({aten.var.correction, aten.var.dim}, {torch.var}, {"var"})
+
+# Normalizations that are never residual-stream norms; found only to report them as skipped.
+_OTHER_NORM_ATEN = {
+    aten.batch_norm.default: "batch_norm", aten.native_batch_norm.default: "batch_norm",
+    aten._native_batch_norm_legit_no_training.default: "batch_norm",
+    aten._native_batch_norm_legit_functional.default: "batch_norm", aten._native_batch_norm_legit.default: "batch_norm",
+    aten.group_norm.default: "group_norm", aten.native_group_norm.default: "group_norm",
+    aten.instance_norm.default: "instance_norm",
+}
+_OTHER_NORM_FUNCS = {F.batch_norm: "batch_norm", F.group_norm: "group_norm", F.instance_norm: "instance_norm"}
+_OTHER_NORM_MODULES = ((nn.modules.batchnorm._BatchNorm, "batch_norm"), (nn.GroupNorm, "group_norm"),
+                       (nn.modules.instancenorm._InstanceNorm, "instance_norm"))
 
 _LAYER_NORM_ATEN = {aten.layer_norm.default}
 _LAYER_NORM_TUPLE_ATEN = {aten.native_layer_norm.default}
@@ -312,6 +326,47 @@ class GraphView:
         ops = self.mul_operands(node)
         if ops and isinstance(ops[0], fx.Node) and ops[0] is ops[1]:
             return ops[0]
+        return None
+
+    def sub_operands(self, node: fx.Node) -> tuple[object, object] | None:
+        """For ``a - b`` (unit alpha) return ``(a, b)``."""
+        if self.matches(node, _SUB) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            return node.args[0], node.args[1]
+        return None
+
+    def scalar_mul_input(self, node: fx.Node) -> tuple[fx.Node, float] | None:
+        """For ``c * t`` / ``t * c`` with a Python number ``c`` return ``(t, c)``."""
+        ops = self.mul_operands(node)
+        if ops is None:
+            return None
+        a, b = ops
+        if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+            return a, float(b)
+        if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not isinstance(a, bool):
+            return b, float(a)
+        return None
+
+    def variance_over(self, node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
+        """For a biased variance reduction ``var(u, dims, correction=0, keepdim)`` return ``(u, dims, keepdim)``."""
+        if not self.matches(node, _VAR):
+            return None
+        src = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        correction = node.kwargs.get("correction", 0 if node.kwargs.get("unbiased") is False else 1)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool)
+                                  else False)
+        if dims is None or correction not in (0, 0.0) or not isinstance(src, fx.Node):
+            return None
+        return src, [dims] if isinstance(dims, int) else list(dims), bool(keepdim)
+
+    def other_norm_kind(self, node: fx.Node) -> str | None:
+        """``"batch_norm"`` / ``"group_norm"`` / ``"instance_norm"`` for those ops and modules."""
+        if node.op == "call_function":
+            return _OTHER_NORM_ATEN.get(node.target) or _OTHER_NORM_FUNCS.get(node.target)
+        mod = self.module(node)
+        for cls, kind in _OTHER_NORM_MODULES:
+            if isinstance(mod, cls):
+                return kind
         return None
 
     def is_last_dim(self, node: fx.Node, dims: Sequence[int]) -> bool:

@@ -1,10 +1,13 @@
 """Rewrite residual sites into geodesic updates, in place on an ``fx.GraphModule``.
 
-``pre``:  ``a = x + s``        becomes ``geo_i(x, s)``; the branch-input norm stays.
-``post``: ``y = N(x + s)``     becomes ``geo_i(x, s)``; the norm (and its affine) is removed.
+Every site becomes ``geo_i(x, s)`` with ``s`` the branch output (the sum of the branches of a
+parallel site); it replaces the residual sum (``pre``, ``sandwich``, ``respost``, ``parallel``) or
+the norm that read it (``post``, ``deepnorm``: that norm and the DeepNorm scale are removed).
+Branch-input and branch-output norms stay.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from .ops import GraphView
@@ -12,22 +15,26 @@ from .sites import SiteMatch
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]) -> set[str]:
-    """Replace each site by a ``call_module`` to ``targets[i]`` (a :class:`GeodesicUpdate` already
-    registered on ``gm``); erase the nodes that became dead (the add, removed norms) and return the
-    ``get_attr`` / ``call_module`` targets that no node of the graph references any more."""
+    """Replace each site by a ``call_module`` to ``targets[i]`` (a module ``forward(x, s)`` already
+    registered on ``gm``); erase the nodes that became dead and return the ``get_attr`` /
+    ``call_module`` targets that no node of the graph references any more."""
     graph = gm.graph
     view = GraphView(gm)
     candidates: set[fx.Node] = set()
     replaced: dict[fx.Node, fx.Node] = {}  # a later site's operand may be an earlier site's output
     for site, target in zip(sites, targets):
-        with graph.inserting_before(site.add):
-            update = graph.call_module(target, (replaced.get(site.x, site.x), replaced.get(site.s, site.s)))
+        branches = [replaced.get(b, b) for b in site.branches]
+        with graph.inserting_before(site.sum):
+            branch = branches[0]
+            for other in branches[1:]:
+                value = branch.meta.get("val")
+                branch = graph.call_function(torch.ops.aten.add.Tensor, (branch, other))
+                branch.meta["val"] = value
+            update = graph.call_module(target, (replaced.get(site.x, site.x), branch))
         update.meta = dict(site.output.meta)
         site.output.replace_all_uses_with(update)
         replaced[site.output] = update
-        candidates.add(site.add)
-        if site.kind != "pre":
-            candidates |= site.norm.nodes
+        candidates |= site.dead
     dropped = _erase_dead(graph, view, candidates)
     graph.lint()
     gm.recompile()

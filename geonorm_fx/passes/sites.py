@@ -1,14 +1,22 @@
-"""Residual-stream analysis: which adds are residual updates, of which kind, in which block.
+"""Residual-stream analysis: which sums are residual updates, of which kind, in which block.
 
-A residual add is ``a = x + s`` where the branch output ``s`` depends on the stream value ``x``
-through data edges (shape-only reads do not count). It is a site when a last-dim norm takes part:
+A residual sum is ``x + s_1 + ... + s_m`` (any association: nested adds whose only reader is the next
+add are flattened into terms) in which one term, the stream ``x`` (or ``a * x`` for DeepNorm),
+reaches every other term through data edges; shape-only reads do not count. With ``N`` a LayerNorm
+or RMSNorm over the last dimension (GEONORM.md section 4):
 
-- ``pre``:  every data path from ``x`` to ``s`` passes through a norm of ``x``  (``x + f(N(x))``);
-- ``post``: ``a`` is read by nothing but a norm  (``N(x + f(x))``).
+- ``pre``:      every data path from ``x`` to the branches passes through a norm of ``x``: ``x + f(N(x))``
+- ``sandwich``: as ``pre``, and the branch ends in a norm:  ``x + N2(f(N1(x)))``
+- ``parallel``: as ``pre``, with two or more branches:    ``x + f1(N1(x)) + f2(N2(x))``
+- ``respost``:  ``x`` feeds the branch directly and the branch ends in a norm:  ``x + N(f(x))``
+- ``post``:     ``x`` feeds the branch directly and the sum is read only by a norm:  ``N(x + f(x))``
+- ``deepnorm``: ``post`` with a constant-scaled stream:  ``N(a*x + f(x))``
 
-Block indices follow the order of application: sites are grouped by the innermost module invocation
-on their module stack that is one of several invocations of the same class under one parent (a
-repeated layer); without such module information, two sites make a block.
+Streams: a site whose ``x`` is not downstream of an earlier site's output starts a new residual
+stream (the decoder of an encoder-decoder). Blocks are numbered per stream in order of application:
+sites are grouped by the innermost module invocation on their module stack that is one of several
+invocations of the same class under one parent (a repeated layer; a shared layer applied n times is n
+invocations); without such module information two sites make a block (one for parallel sites).
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from torch import fx
 
 from ..geodesic import GeodesicUpdate
 from ..report import Skip
-from .norms import NormMatch, find_norms
+from .norms import RESIDUAL_NORM_KINDS, NormMatch, find_norms
 from .ops import GraphView, qualified_name
 
 _GEODESIC_CLASS = qualified_name(GeodesicUpdate)
@@ -27,69 +35,148 @@ _GEODESIC_CLASS = qualified_name(GeodesicUpdate)
 
 @dataclass(eq=False)
 class SiteMatch:
-    """A residual site in one graph: ``output`` carries the stream value after the update."""
+    """A residual site in one graph. ``geo(x, sum(branches))`` replaces ``output``; ``dead`` are the
+    nodes the rewrite makes unused (the sum, inner adds, a DeepNorm scale, a removed norm)."""
 
     kind: str
     x: fx.Node
-    s: fx.Node
-    add: fx.Node
-    norm: NormMatch
+    branches: list
+    sum: fx.Node
+    norm: NormMatch                 # the norm named in the report
+    norms: list                     # every norm the site uses (branch-input, branch-output, removed)
     output: fx.Node
+    dead: set = field(default_factory=set)
     block: int = -1
     path: str = ""
     stream: int = 0
 
+    @property
+    def add(self) -> fx.Node:
+        return self.sum
+
     def signature(self) -> tuple:
-        return (self.kind, self.norm.kind, self.block, self.path)
+        return (self.kind, self.norm.kind, self.stream, self.block, self.path)
 
 
 @dataclass
 class Analysis:
     sites: list[SiteMatch] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    n_blocks: int = 0
+    blocks_per_stream: list[int] = field(default_factory=list)
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(self.blocks_per_stream)
+
+
+@dataclass
+class _Context:
+    view: GraphView
+    by_source: dict
+    by_output: dict
+    blocked_nodes: set
 
 
 def analyze(view: GraphView) -> Analysis:
-    """Find the residual sites and the skipped norms of one graph, with block indices."""
+    """Find the residual sites and the skipped norms of one graph, with streams and block indices."""
     geo_nodes = _geodesic_nodes(view)
     norms = find_norms(view, exclude=geo_nodes)
-    by_source: dict[fx.Node, list[NormMatch]] = defaultdict(list)
-    norm_nodes: set = set()
+    ctx = _Context(view, defaultdict(list), {}, set())
     for n in norms:
-        by_source[n.source].append(n)
-        norm_nodes |= n.nodes
+        ctx.blocked_nodes |= n.nodes
+        if n.last_dim_only:
+            ctx.by_source[n.source].append(n)
+            ctx.by_output[view.root(n.output)] = n
     sites = []
     for node in view.nodes:
-        if node in geo_nodes or node in norm_nodes:
+        if node in geo_nodes or node in ctx.blocked_nodes or not _is_sum(view, node) or _is_inner_add(view, node):
             continue
-        operands = view.add_operands(node)
-        if operands is None or not view.same_shape(node, *operands):
-            continue
-        site = _classify(view, node, operands, by_source)
+        site = _classify(ctx, node)
         if site is not None:
             sites.append(site)
-    n_blocks = _assign_blocks(view, sites)
-    skipped = _skips(view, norms, sites, geo_nodes)
-    return Analysis(sites, skipped, n_blocks)
+    blocks = _assign_streams_and_blocks(view, sites)
+    return Analysis(sites, _skips(view, norms, sites, geo_nodes), blocks)
 
 
-def _classify(view: GraphView, add: fx.Node, operands, by_source) -> SiteMatch | None:
-    for x, s in (operands, operands[::-1]):
-        stream = view.root(x)
-        if not reaches(view, stream, s):
-            continue
-        own_norms = [n for n in by_source.get(stream, []) if n.last_dim_only]
-        branch_norms = [n for n in own_norms if reaches(view, n.output, s)]
-        if branch_norms:
-            blocked = set().union(*(n.nodes for n in own_norms))
-            if not reaches(view, stream, s, blocked=blocked):
-                return SiteMatch("pre", x, s, add, branch_norms[0], add)
-        post = _exclusive_norm(view, add, by_source)
-        if post is not None:
-            return SiteMatch("post", x, s, add, post, post.output)
-        return None
+def _is_sum(view: GraphView, node: fx.Node) -> bool:
+    """``a + b`` of two tensors of the output's shape (no broadcasting)."""
+    ops = view.add_operands(node)
+    return ops is not None and view.same_shape(node, *ops)
+
+
+def _is_inner_add(view: GraphView, node: fx.Node) -> bool:
+    """A sum whose only reader is another sum: a term of a larger sum."""
+    users = view.data_users(node)
+    return _is_sum(view, node) and len(users) == 1 and _is_sum(view, users[0])
+
+
+def _terms(view: GraphView, node: fx.Node, inner: set) -> list[fx.Node]:
+    out = []
+    for op in view.add_operands(node):
+        if _is_inner_add(view, op):
+            inner.add(op)
+            out += _terms(view, op, inner)
+        else:
+            out.append(op)
+    return out
+
+
+def _classify(ctx: _Context, total: fx.Node) -> SiteMatch | None:
+    view = ctx.view
+    inner: set = set()
+    terms = _terms(view, total, inner)
+    for i, term in enumerate(terms):
+        branches = terms[:i] + terms[i + 1:]
+        candidates = [(term, None)]
+        scaled = view.scalar_mul_input(term)
+        if scaled is not None:
+            candidates.append((scaled[0], term))
+        for x, scale_node in candidates:
+            stream = view.root(x)
+            if all(reaches(view, stream, b) for b in branches):
+                return _kind(ctx, total, x, branches, scale_node, inner)
     return None
+
+
+def _kind(ctx: _Context, total, x, branches, scale_node, inner) -> SiteMatch | None:
+    view = ctx.view
+    stream = view.root(x)
+    own = ctx.by_source.get(stream, [])
+    blocked = set().union(*(n.nodes for n in own)) if own else set()
+    through_norms = bool(own) and not any(reaches(view, stream, b, blocked=blocked) for b in branches)
+    branch_norms = [n for n in own if any(reaches(view, n.output, b) for b in branches)]
+    out_norm = ctx.by_output.get(view.root(branches[0])) if len(branches) == 1 else None
+    exclusive = _exclusive_norm(ctx, total)
+    dead = inner | {total} | ({scale_node} if scale_node is not None else set())
+
+    def site(kind, named, norms, output, removed=None):
+        return SiteMatch(kind, x, branches, total, named, norms, output, dead | (removed.nodes if removed else set()))
+
+    if scale_node is None and through_norms and branch_norms:
+        if len(branches) > 1 or _parallel_sum(view, stream, branches[0]):
+            return site("parallel", branch_norms[0], branch_norms, total)
+        if out_norm is not None and out_norm.source is not stream:
+            return site("sandwich", branch_norms[0], branch_norms + [out_norm], total)
+        return site("pre", branch_norms[0], branch_norms, total)
+    if through_norms or len(branches) > 1:
+        return None
+    if scale_node is not None:
+        return site("deepnorm", exclusive, [exclusive], exclusive.output, exclusive) if exclusive else None
+    if out_norm is not None and out_norm.source is not stream:
+        return site("respost", out_norm, [out_norm], total)
+    if exclusive is not None:
+        return site("post", exclusive, [exclusive], exclusive.output, exclusive)
+    return None
+
+
+def _parallel_sum(view: GraphView, stream: fx.Node, branch: fx.Node) -> bool:
+    """The branch is itself a sum of two branches that both read the stream: ``x + (f1 + f2)``."""
+    ops = view.add_operands(view.root(branch))
+    if ops is None:
+        return False
+    a, b = ops
+    return (reaches(view, stream, a) and reaches(view, stream, b)
+            and not reaches(view, a, b) and not reaches(view, b, a))
 
 
 def reaches(view: GraphView, src: fx.Node, target: fx.Node, blocked: set | frozenset = frozenset()) -> bool:
@@ -101,6 +188,8 @@ def reaches(view: GraphView, src: fx.Node, target: fx.Node, blocked: set | froze
     if src is target:
         return True
     limit = view.index[target]
+    if view.index[src] > limit:
+        return False
     stack = [src]
     seen = {src}
     while stack:
@@ -114,26 +203,34 @@ def reaches(view: GraphView, src: fx.Node, target: fx.Node, blocked: set | froze
     return False
 
 
-def _exclusive_norm(view: GraphView, add: fx.Node, by_source) -> NormMatch | None:
-    """The last-dim norm that is the only reader of ``add`` (seen through casts), if any."""
-    for norm in by_source.get(add, []):
-        if norm.last_dim_only and _only_read_by(view, add, norm.nodes):
+def _exclusive_norm(ctx: _Context, total: fx.Node) -> NormMatch | None:
+    """The last-dim norm that is the only reader of ``total`` (seen through casts), if any."""
+    for norm in ctx.by_source.get(total, []):
+        users = ctx.view.data_users(total)
+        if users and all(u in norm.nodes for u in users):
             return norm
     return None
 
 
-def _only_read_by(view: GraphView, node: fx.Node, allowed: set) -> bool:
-    users = view.data_users(node)
-    return bool(users) and all(u in allowed for u in users)
-
-
 def _geodesic_nodes(view: GraphView) -> set:
     """Nodes that implement an existing geodesic update (a converted model captured again)."""
-    out = set()
-    for node in view.nodes:
-        if isinstance(view.module(node), GeodesicUpdate) or view.inside_module_class(node, [_GEODESIC_CLASS]):
-            out.add(node)
-    return out
+    return {node for node in view.nodes
+            if isinstance(view.module(node), GeodesicUpdate) or view.inside_module_class(node, [_GEODESIC_CLASS])}
+
+
+def _assign_streams_and_blocks(view: GraphView, sites: list[SiteMatch]) -> list[int]:
+    """Set ``site.stream`` / ``site.block`` / ``site.path``; return the number of blocks per stream."""
+    last_output: list[fx.Node] = []   # per stream, the latest site output
+    for site in sites:
+        start = view.root(site.x)
+        upstream = [s for s, out in enumerate(last_output) if out is start or reaches(view, out, start)]
+        if upstream:
+            site.stream = max(upstream, key=lambda s: view.index[last_output[s]])
+            last_output[site.stream] = site.output
+        else:
+            site.stream = len(last_output)
+            last_output.append(site.output)
+    return [_assign_blocks(view, [s for s in sites if s.stream == k]) for k in range(len(last_output))]
 
 
 def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
@@ -146,7 +243,7 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
             parent = key
     block = -1
     previous: object = object()
-    pending = 0
+    room = 0
     for site, chain in zip(sites, chains):
         unit = None
         parent = None
@@ -154,11 +251,12 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
             if len(siblings[(parent, cls)]) >= 2:
                 unit = (key, path)
             parent = key
-        if unit is None:
-            if previous is not None or pending >= 2:
+        if unit is None:  # no module structure: two sites a block, one for a parallel block
+            need = 2 if site.kind == "parallel" else 1
+            if previous is not None or room < need:
                 block += 1
-                pending = 0
-            pending += 1
+                room = 2
+            room -= need
         elif unit != previous:
             block += 1
         previous = unit
@@ -168,26 +266,27 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
 
 
 def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_nodes: set) -> list[Skip]:
-    used = {id(s.norm) for s in sites}
+    used = {id(n) for s in sites for n in s.norms}
     stream_values = {view.root(s.x) for s in sites} | {s.output for s in sites}
-    last_value = sites[-1].output if sites else None
-    first_input = view.root(sites[0].x) if sites else None
+    last_values = {s.output for i, s in enumerate(sites) if all(t.stream != s.stream for t in sites[i + 1:])}
+    first_inputs = {view.root(s.x) for i, s in enumerate(sites) if all(t.stream != s.stream for t in sites[:i])}
     geo_inputs = {view.root(i) for g in geo_nodes for i in view.data_inputs(g)}
     skipped = []
     for norm in norms:
         if id(norm) in used:
             continue
-        if not norm.last_dim_only:
-            reason = (f"normalizes over the last {norm.trailing_dims} dimensions, not over the last one "
-                      "only: not a residual-stream norm")
+        if norm.kind not in RESIDUAL_NORM_KINDS:
+            reason = (f"{norm.kind.replace('_', ' ')} normalizes over {norm.over}, not the last dimension: "
+                      "residual blocks around it (ResNet-style) are left alone")
+        elif not norm.last_dim_only:
+            reason = f"normalizes over {norm.over}, not over the last dimension only: not a residual-stream norm"
         elif norm.source in geo_inputs:
             reason = "branch-input norm of an existing geodesic update: the model is already converted"
-        elif last_value is not None and norm.source is last_value:
+        elif norm.source in last_values:
             reason = "final norm: reads the residual stream after the last block (before the head)"
         elif norm.source in stream_values:
             reason = "reads the residual stream but takes no part in a residual update (e.g. a side head)"
-        elif first_input is not None and (view.root(norm.output) is first_input
-                                          or reaches(view, norm.output, first_input)):
+        elif any(view.root(norm.output) is first or reaches(view, norm.output, first) for first in first_inputs):
             reason = "embedding norm: normalizes the input of the first block, not a residual update"
         elif not sites:
             reason = "no residual add x + f(x) reads or feeds it"
