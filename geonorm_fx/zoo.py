@@ -1,7 +1,8 @@
 """Model specs for the command line: built-in tiny models, local Hugging Face configs, factories.
 
 - ``hf:<name>``: a tiny, randomly initialised Hugging Face model built offline from a config
-  (``gpt2``, ``bert``, ``llama``, ``vit``, ``t5`` = the T5 encoder);
+  (``gpt2``, ``bert``, ``llama``, ``vit``, ``t5`` = the T5 encoder, ``t5-full``, ``gemma2``, ``olmo2``,
+  ``gpt-neox`` (parallel residual), ``albert`` (one layer applied 4 times));
 - ``torch:encoder-pre`` / ``torch:encoder-post``: ``nn.TransformerEncoder`` with ``norm_first`` on/off;
 - a path to a local Hugging Face config directory or ``config.json`` (random weights, no download);
 - ``package.module:factory`` where ``factory()`` returns ``(model, args)`` or ``(model, args, kwargs)``.
@@ -46,66 +47,67 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def _hf_gpt2():
-    t = _hf()
-    cfg = t.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False,
-                       bos_token_id=0, eos_token_id=0)
-    return t.GPT2LMHeadModel(cfg), (_ids(128),)
+_DECODER = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+
+# name: (config class, model class, config kwargs, inputs) -- tiny sizes, random weights, no download
+_HF = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   use_cache=False, bos_token_id=0, eos_token_id=0), "ids"),
+    "bert": ("BertConfig", "BertModel", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=128,
+                                             max_position_embeddings=64), "ids"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER, "ids"),
+    "vit": ("ViTConfig", "ViTModel", dict(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+            "pixels"),
+    "t5": ("T5Config", "T5EncoderModel", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                              num_heads=4, use_cache=False), "ids"),
+    "t5-full": ("T5Config", "T5Model", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                            num_heads=4, use_cache=False), "ids+decoder"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DECODER, head_dim=16), "ids"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _DECODER, "ids"),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                              num_hidden_layers=2, num_attention_heads=4,
+                                                              max_position_embeddings=64, use_cache=False,
+                                                              use_parallel_residual=True), "ids"),
+    "albert": ("AlbertConfig", "AlbertModel", dict(vocab_size=128, embedding_size=32, hidden_size=64,
+                                                   num_hidden_layers=4, num_hidden_groups=1, num_attention_heads=4,
+                                                   intermediate_size=128, max_position_embeddings=64), "ids"),
+}
 
 
-def _hf_bert():
-    t = _hf()
-    cfg = t.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=64)
-    return t.BertModel(cfg), (_ids(128),)
-
-
-def _hf_llama():
-    t = _hf()
-    cfg = t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
-    return t.LlamaForCausalLM(cfg), (_ids(128),)
-
-
-def _hf_vit():
-    t = _hf()
-    cfg = t.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=128)
-    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return t.ViTModel(cfg, add_pooling_layer=False), (pixels,)
-
-
-def _hf_t5():
-    t = _hf()
-    cfg = t.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, use_cache=False)
-    return t.T5EncoderModel(cfg), (_ids(128),)
+def _hf_builder(name: str):
+    def build():
+        t = _hf()
+        config_cls, model_cls, config, inputs = _HF[name]
+        model = getattr(t, model_cls)(getattr(t, config_cls)(**config))
+        if inputs == "pixels":
+            return model, (torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0)),), {}
+        ids = _ids(config.get("vocab_size", 128))
+        return model, (ids,), ({"decoder_input_ids": _ids(128)[:, :SEQ - 2]} if inputs == "ids+decoder" else {})
+    return build
 
 
 def _torch_encoder(norm_first: bool):
     def build():
         layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True, norm_first=norm_first)
         model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        return model, (torch.randn(BATCH, SEQ, 64, generator=torch.Generator().manual_seed(0)),)
+        return model, (torch.randn(BATCH, SEQ, 64, generator=torch.Generator().manual_seed(0)),), {}
     return build
 
 
-BUILTIN = {
-    "hf:gpt2": _hf_gpt2,
-    "hf:bert": _hf_bert,
-    "hf:llama": _hf_llama,
-    "hf:vit": _hf_vit,
-    "hf:t5": _hf_t5,
-    "torch:encoder-pre": _torch_encoder(True),
-    "torch:encoder-post": _torch_encoder(False),
-}
+BUILTIN = {**{f"hf:{name}": _hf_builder(name) for name in _HF},
+           "torch:encoder-pre": _torch_encoder(True),
+           "torch:encoder-post": _torch_encoder(False)}
 
 
 def load(spec: str) -> ZooModel:
     """Resolve a spec into a model (in eval mode) and example inputs; :class:`SpecError` if it can't."""
     torch.manual_seed(0)
     if spec in BUILTIN:
-        model, args = BUILTIN[spec]()
-        return ZooModel(spec, model.eval(), args)
+        model, args, kwargs = BUILTIN[spec]()
+        return ZooModel(spec, model.eval(), args, kwargs)
     if spec.startswith(("hf:", "torch:")):
         raise SpecError(f"unknown built-in model {spec!r}: use one of {', '.join(BUILTIN)}")
     if os.path.isdir(spec) or spec.endswith(".json"):

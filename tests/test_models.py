@@ -13,15 +13,23 @@ from .reference import reference_geodesic
 
 pytest.importorskip("transformers")
 
+TWO_BY_TWO = ([0, 0, 1, 1], [1.0, 1.0, 0.5, 0.5])
 EXPECTED = {
-    # spec: (site counts, blocks, skipped reasons (prefixes))
-    "hf:gpt2": ({"pre": 4}, 2, ["final norm"]),
-    "hf:bert": ({"post": 4}, 2, ["embedding norm"]),
-    "hf:llama": ({"pre": 4}, 2, ["final norm"]),
-    "hf:vit": ({"pre": 4}, 2, ["final norm"]),
-    "hf:t5": ({"pre": 4}, 2, ["final norm"]),
-    "torch:encoder-pre": ({"pre": 4}, 2, []),
-    "torch:encoder-post": ({"post": 4}, 2, []),
+    # spec: (site counts, blocks per stream, block of each site, decay of each site, skipped reasons (prefixes))
+    "hf:gpt2": ({"pre": 4}, [2], *TWO_BY_TWO, ["final norm"]),
+    "hf:bert": ({"post": 4}, [2], *TWO_BY_TWO, ["embedding norm"]),
+    "hf:llama": ({"pre": 4}, [2], *TWO_BY_TWO, ["final norm"]),
+    "hf:vit": ({"pre": 4}, [2], *TWO_BY_TWO, ["final norm"]),
+    "hf:t5": ({"pre": 4}, [2], *TWO_BY_TWO, ["final norm"]),
+    "hf:t5-full": ({"pre": 10}, [2, 2], [0, 0, 1, 1, 0, 0, 0, 1, 1, 1],
+                   [1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5], ["final norm"] * 2),
+    "hf:gemma2": ({"sandwich": 4}, [2], *TWO_BY_TWO, ["final norm"]),
+    "hf:olmo2": ({"respost": 4}, [2], *TWO_BY_TWO, ["off the residual stream"] * 4 + ["final norm"]),
+    "hf:gpt-neox": ({"parallel": 2}, [2], [0, 1], [1.0, 0.5], ["final norm"]),
+    "hf:albert": ({"post": 8}, [4], [0, 0, 1, 1, 2, 2, 3, 3], [1, 1, 1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 4, 1 / 4],
+                  ["embedding norm"]),
+    "torch:encoder-pre": ({"pre": 4}, [2], *TWO_BY_TWO, []),
+    "torch:encoder-post": ({"post": 4}, [2], *TWO_BY_TWO, []),
 }
 
 
@@ -33,13 +41,13 @@ def converted(request):
 
 def test_site_counts_blocks_and_skips(converted):
     spec, built, module = converted
-    counts, n_blocks, skipped = EXPECTED[spec]
+    counts, per_stream, blocks, decays, skipped = EXPECTED[spec]
     report = module.geonorm_report
     assert report.counts() == counts
-    assert report.n_blocks == n_blocks
-    assert [s.block for s in report.sites] == [0, 0, 1, 1]
-    assert [s.decay for s in report.sites] == [1.0, 1.0, 0.5, 0.5]
-    assert len({s.path for s in report.sites}) == 2 and all(s.path for s in report.sites)
+    assert report.blocks_per_stream == per_stream
+    assert [s.block for s in report.sites] == blocks
+    assert [s.decay for s in report.sites] == pytest.approx(decays)
+    assert all(s.path for s in report.sites)
     assert [s.reason.split(":")[0] for s in report.skipped] == skipped
     assert report.to_dict()["counts"] == counts
 
@@ -49,9 +57,10 @@ def test_runs_at_other_shapes_and_keeps_output_structure(converted):
     module.eval()
     x = built.args[0]
     bigger = torch.randint(0, 100, (3, 13)) if not x.is_floating_point() else torch.randn(3, *x.shape[1:])
+    kwargs = {k: torch.randint(0, 100, (3, 5)) for k in built.kwargs}
     with torch.no_grad():
-        src_out = built.model(bigger)
-        out = module(bigger)
+        src_out = built.model(bigger, **kwargs)
+        out = module(bigger, **kwargs)
     assert type(out) is type(src_out)
     first = out[0] if not isinstance(out, torch.Tensor) else out
     ref = src_out[0] if not isinstance(src_out, torch.Tensor) else src_out
@@ -59,11 +68,14 @@ def test_runs_at_other_shapes_and_keeps_output_structure(converted):
 
 
 def _hook_reference(model, pairs, args):
-    """Run ``model`` with each ``(norm, branch, decay)`` pre-norm site turned into a geodesic update."""
+    """Run ``model`` with each site turned into a geodesic update: ``reader`` is the first module that
+    reads the stream ``x`` (its input is captured), ``branch`` the module whose output is the branch
+    output ``s``; the hook makes the model's own ``x + s`` compute ``Geo(x, s)``."""
     handles = []
-    for norm, branch, decay in pairs:
+    for reader, branch, decay in pairs:
         state = {}
-        handles.append(norm.register_forward_pre_hook(lambda m, inp, st=state: st.update(x=inp[0])))
+        handles.append(reader.register_forward_pre_hook(
+            lambda m, inp, kw, st=state: st.update(x=inp[0] if inp else kw["hidden_states"]), with_kwargs=True))
 
         def hook(m, inp, out, st=state, d=decay):
             s = out[0] if isinstance(out, tuple) else out
@@ -78,8 +90,8 @@ def _hook_reference(model, pairs, args):
             h.remove()
 
 
-@pytest.mark.parametrize("spec", ["hf:gpt2", "hf:llama"])
-def test_prenorm_hf_models_match_the_hook_reference(spec):
+@pytest.mark.parametrize("spec", ["hf:gpt2", "hf:llama", "hf:gemma2", "hf:olmo2"])
+def test_hf_models_match_the_hook_reference(spec):
     built = zoo.load(spec)
     model = built.model
     module = gf.convert(model, built.args).eval()
@@ -87,10 +99,19 @@ def test_prenorm_hf_models_match_the_hook_reference(spec):
         layers = model.transformer.h
         pairs = [(b.ln_1, b.attn, 1 / (k + 1)) for k, b in enumerate(layers)]
         pairs += [(b.ln_2, b.mlp, 1 / (k + 1)) for k, b in enumerate(layers)]
-    else:
+    elif spec == "hf:llama":
         layers = model.model.layers
         pairs = [(b.input_layernorm, b.self_attn, 1 / (k + 1)) for k, b in enumerate(layers)]
         pairs += [(b.post_attention_layernorm, b.mlp, 1 / (k + 1)) for k, b in enumerate(layers)]
+    elif spec == "hf:gemma2":  # sandwich: x + N2(f(N1(x))); the hook replaces N2's output
+        layers = model.model.layers
+        pairs = [(b.input_layernorm, b.post_attention_layernorm, 1 / (k + 1)) for k, b in enumerate(layers)]
+        pairs += [(b.pre_feedforward_layernorm, b.post_feedforward_layernorm, 1 / (k + 1))
+                  for k, b in enumerate(layers)]
+    else:  # respost: x + N(f(x)); x is the input of the attention / MLP module itself
+        layers = model.model.layers
+        pairs = [(b.self_attn, b.post_attention_layernorm, 1 / (k + 1)) for k, b in enumerate(layers)]
+        pairs += [(b.mlp, b.post_feedforward_layernorm, 1 / (k + 1)) for k, b in enumerate(layers)]
     expected = _hook_reference(model, pairs, built.args).logits
     with torch.no_grad():
         got = module(*built.args).logits

@@ -226,10 +226,10 @@ def _assign_streams_and_blocks(view: GraphView, sites: list[SiteMatch]) -> list[
         upstream = [s for s, out in enumerate(last_output) if out is start or reaches(view, out, start)]
         if upstream:
             site.stream = max(upstream, key=lambda s: view.index[last_output[s]])
-            last_output[site.stream] = site.output
+            last_output[site.stream] = view.root(site.output)
         else:
             site.stream = len(last_output)
-            last_output.append(site.output)
+            last_output.append(view.root(site.output))
     return [_assign_blocks(view, [s for s in sites if s.stream == k]) for k in range(len(last_output))]
 
 
@@ -267,8 +267,9 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
 
 def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_nodes: set) -> list[Skip]:
     used = {id(n) for s in sites for n in s.norms}
-    stream_values = {view.root(s.x) for s in sites} | {s.output for s in sites}
-    last_values = {s.output for i, s in enumerate(sites) if all(t.stream != s.stream for t in sites[i + 1:])}
+    stream_values = {view.root(s.x) for s in sites} | {view.root(s.output) for s in sites}
+    last_values = {view.root(s.output) for i, s in enumerate(sites)
+                   if all(t.stream != s.stream for t in sites[i + 1:])}
     first_inputs = {view.root(s.x) for i, s in enumerate(sites) if all(t.stream != s.stream for t in sites[:i])}
     geo_inputs = {view.root(i) for g in geo_nodes for i in view.data_inputs(g)}
     skipped = []
