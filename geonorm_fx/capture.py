@@ -14,6 +14,7 @@ The source model is never mutated: it is deep-copied before anything runs.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from inspect import signature as inspect_signature
 from dataclasses import dataclass
@@ -249,7 +250,13 @@ def _capture_message(model: nn.Module, how: str, e: BaseException) -> str:
     can_generate = getattr(model, "can_generate", None)
     hf_decoder = cfg is not None and getattr(cfg, "use_cache", False) and (
         "cache" in str(e).lower() or (callable(can_generate) and can_generate()))
-    if how == "torch.fx.symbolic_trace":
+    unknown_type = re.search(r"Found <class '([^']+)'> in (output|input)", str(e))
+    if unknown_type:
+        name = unknown_type.group(1).rsplit(".", 1)[-1]
+        fix = (f"the model's {unknown_type.group(2)} holds a {name}, which torch.export cannot flatten: register it "
+               f"with torch.export.register_dataclass({name}) (a dataclass) or "
+               "torch.utils._pytree.register_pytree_node, then convert again")
+    elif how == "torch.fx.symbolic_trace":
         fix = ("symbolic_trace cannot follow data-dependent Python control flow: use tracer='export' "
                "(the default)")
     elif hf_decoder:

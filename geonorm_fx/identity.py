@@ -3,7 +3,8 @@
 For a pure Pre-Norm model whose every read of the residual stream goes through a scale-invariant norm
 and which ends in one, replacing the j-th residual update (1-based, in stream order) by
 ``x_j = sqrt(j/(j+1)) x_{j-1} + (1/sqrt(j+1)) f_j(N(x_{j-1}))`` scales the stream by ``1/sqrt(j+1)``
-and leaves the output unchanged. If the detector took something that is not the residual stream for
+and leaves the output unchanged. ``j`` counts the sites of each residual stream separately (an
+encoder-decoder has two). If the detector took something that is not the residual stream for
 it, the output changes.
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ def prenorm_identity_gap(model, args=(), kwargs=None, *, tracer: str = "auto") -
                            "sites: the identity of GEONORM.md section 6 holds only for Pre-Norm")
     with torch.no_grad():
         reference = graph_module(*args, **kwargs)
-    updates = nn.ModuleList(RescaledResidual(math.sqrt(j / (j + 1)), 1 / math.sqrt(j + 1))
-                            for j in range(1, len(analysis.sites) + 1))
+    position = [sum(1 for t in analysis.sites[:i + 1] if t.stream == s.stream)  # j, 1-based, per stream
+                for i, s in enumerate(analysis.sites)]
+    updates = nn.ModuleList(RescaledResidual(math.sqrt(j / (j + 1)), 1 / math.sqrt(j + 1)) for j in position)
     graph_module.add_module("_prenorm_identity", updates)
     rewrite_sites(graph_module, analysis.sites, [f"_prenorm_identity.{i}" for i in range(len(updates))])
     with torch.no_grad():

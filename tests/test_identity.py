@@ -24,11 +24,22 @@ def test_identity_on_hand_written_prenorm_stacks(spelling):
     assert gf.prenorm_identity_gap(model, (tokens(),)) < 1e-3
 
 
-@pytest.mark.parametrize("spec", ["hf:gpt2", "hf:llama", "hf:vit", "hf:t5"])
+@pytest.mark.parametrize("spec", ["hf:gpt2", "hf:llama", "hf:vit", "hf:t5", "hf:t5-full"])
 def test_identity_on_hugging_face_prenorm_models(spec):
     pytest.importorskip("transformers")
     built = zoo.load(spec)
-    assert gf.prenorm_identity_gap(_small_eps(built.model), built.args) < 1e-3
+    assert gf.prenorm_identity_gap(_small_eps(built.model), built.args, built.kwargs) < 1e-3
+
+
+def test_identity_on_sequential_gpt_neox_and_torch_encoder():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, use_parallel_residual=False, use_cache=False)
+    neox = _small_eps(transformers.GPTNeoXForCausalLM(cfg)).eval()
+    assert gf.prenorm_identity_gap(neox, (tokens(vocab=64),)) < 1e-3
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 3, norm=torch.nn.LayerNorm(16, eps=1e-12), enable_nested_tensor=False)
+    assert gf.prenorm_identity_gap(_small_eps(enc).eval(), (torch.randn(2, 5, 16),)) < 1e-3
 
 
 def test_identity_with_qk_norms_and_embedding_norm():
