@@ -15,6 +15,7 @@ from .api import convert, inspect
 from .errors import GeoNormError
 from .geodesic import GeodesicUpdate
 from .schedules import SCHEDULE_NAMES
+from .visualize import render_svg, write_dot
 
 
 def _schedule(text: str):
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--static", action="store_true", help="capture with static shapes")
     common.add_argument("--schedule", type=_schedule, default="harmonic",
                         help="harmonic|sqrt|linear|none or comma-separated per-block decays")
+    common.add_argument("--dot", metavar="FILE", help="write the residual stream with its sites as Graphviz DOT")
+    common.add_argument("--svg", metavar="FILE", help="also render the DOT picture to SVG (needs Graphviz dot)")
     sub.add_parser("inspect", parents=[common], help="list the residual sites and skipped norms")
     conv = sub.add_parser("convert", parents=[common], help="convert and check the converted model runs")
     conv.add_argument("--clamp", type=float, default=math.pi / 4, help="maximum angle per update (radians)")
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             report = inspect(built.model, built.args, built.kwargs, dynamic=not args.static,
                              tracer=args.tracer, schedule=args.schedule)
             print(report.to_json(indent=2) if args.json else f"{built.name}: {report}")
+            _picture(args, report)
             return 0
         module = convert(built.model, built.args, built.kwargs, schedule=args.schedule, clamp=args.clamp,
                          kinds=args.kinds, dynamic=not args.static, tracer=args.tracer)
@@ -67,10 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{built.name}: {module.geonorm_report}")
             print(_describe_check(check))
+        _picture(args, module.geonorm_report)
         return 0
     except GeoNormError as e:
         print(f"geonorm-fx: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
+
+
+def _picture(args, report) -> None:
+    if not (args.dot or args.svg):
+        return
+    dot_path = args.dot or args.svg + ".dot"
+    write_dot(report, dot_path)
+    print(f"wrote {dot_path}", file=sys.stderr)
+    if args.svg:
+        render_svg(dot_path, args.svg)
+        print(f"wrote {args.svg}", file=sys.stderr)
 
 
 def _check_invariant(module, args, kwargs) -> dict:
