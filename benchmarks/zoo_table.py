@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 import warnings
+from collections import Counter
 
 from geonorm_fx import convert, zoo
 from geonorm_fx.cli import _check_invariant
@@ -29,14 +30,15 @@ def main() -> None:
         report = module.geonorm_report
         check = _check_invariant(module, built.args, built.kwargs)
         rows.append({"spec": spec, "model": type(built.model).__name__, "counts": report.counts(),
-                     "blocks": report.n_blocks, "skipped": [s.reason.split(":")[0] for s in report.skipped],
+                     "blocks": "+".join(map(str, report.blocks_per_stream)), "skipped": [s.reason.split(":")[0] for s in report.skipped],
                      "removed_parameters": len(report.removed_parameters),
                      "max_relative_norm_change": check["max_relative_norm_change"], "convert_seconds": seconds})
     print("| spec | model | sites | blocks | skipped | removed params | max \\|\\|out\\|-\\|x\\||/\\|x\\| | convert (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         sites = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
-        print(f"| `{r['spec']}` | {r['model']} | {sites} | {r['blocks']} | {', '.join(r['skipped']) or '-'} | "
+        skipped = ", ".join(f"{n}x {reason}" if n > 1 else reason for reason, n in Counter(r["skipped"]).items())
+        print(f"| `{r['spec']}` | {r['model']} | {sites} | {r['blocks']} | {skipped or '-'} | "
               f"{r['removed_parameters']} | {r['max_relative_norm_change']:.1e} | {r['convert_seconds']:.2f} |")
     if opts.json:
         with open(opts.json, "w") as f:
