@@ -251,17 +251,17 @@ def _capture_message(model: nn.Module, how: str, e: BaseException) -> str:
     hf_decoder = cfg is not None and getattr(cfg, "use_cache", False) and (
         "cache" in str(e).lower() or (callable(can_generate) and can_generate()))
     unknown_type = re.search(r"Found <class '([^']+)'> in (output|input)", str(e))
-    if unknown_type:
-        name = unknown_type.group(1).rsplit(".", 1)[-1]
-        fix = (f"the model's {unknown_type.group(2)} holds a {name}, which torch.export cannot flatten: register it "
-               f"with torch.export.register_dataclass({name}) (a dataclass) or "
-               "torch.utils._pytree.register_pytree_node, then convert again")
-    elif how == "torch.fx.symbolic_trace":
+    if how == "torch.fx.symbolic_trace":
         fix = ("symbolic_trace cannot follow data-dependent Python control flow: use tracer='export' "
                "(the default)")
     elif hf_decoder:
         fix = ("this is a Hugging Face decoder with use_cache=True: build it with config.use_cache=False "
                "(or pass use_cache=False in kwargs) so no KV cache is returned")
+    elif unknown_type:
+        name = unknown_type.group(1).rsplit(".", 1)[-1]
+        fix = (f"the model's {unknown_type.group(2)} holds a {name}, which torch.export cannot flatten: register it "
+               f"with torch.export.register_dataclass({name}) (a dataclass) or "
+               "torch.utils._pytree.register_pytree_node, then convert again")
     else:
         fix = ("check that args/kwargs are what forward() expects; for data-dependent control flow try "
                "tracer='fx', or dynamic=False")

@@ -9,6 +9,7 @@ torch.export / torch.compile like any module.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import linecache
 
@@ -59,12 +60,20 @@ class GeoNormModule(nn.Module):
         return gm.graph
 
     def _compile(self) -> None:
+        """Generate one forward per mode; give this instance a class whose ``forward`` has the source
+        model's signature (argument names), as ``fx.GraphModule`` does, so torch.export / torch.onnx
+        ``dynamic_shapes`` keyed by argument name work on the converted module."""
         self._geonorm_forward = {mode: _compile_graph(g) for mode, g in self._geonorm_graphs.items()}
+        signature = inspect.signature(self._geonorm_forward.get("eval") or next(iter(self._geonorm_forward.values())))
 
-    def forward(self, *args, **kwargs):
-        mode = "train" if self.training else "eval"
-        fn = self._geonorm_forward.get(mode) or next(iter(self._geonorm_forward.values()))
-        return fn(self, *args, **kwargs)
+        def forward(self, *args, **kwargs):
+            mode = "train" if self.training else "eval"
+            fn = self._geonorm_forward.get(mode) or next(iter(self._geonorm_forward.values()))
+            return fn(self, *args, **kwargs)
+
+        forward.__signature__ = signature
+        base = type(self).__mro__[1] if type(self).__name__ == "_GeoNormModuleImpl" else type(self)
+        self.__class__ = type("_GeoNormModuleImpl", (base,), {"forward": forward, "__module__": __name__})
 
     @property
     def graph(self) -> fx.Graph:

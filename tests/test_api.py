@@ -1,5 +1,6 @@
 """The contract of convert(): no mutation, trainable, deep-copyable, modes, shapes, idempotence."""
 import copy
+import inspect
 import io
 import pickle
 
@@ -200,3 +201,13 @@ def test_pickling_refuses_with_advice_and_state_dict_saves(prenorm):
     buffer = io.BytesIO()
     torch.save(converted.state_dict(), buffer)
     assert buffer.tell() > 0
+
+
+def test_converted_forward_keeps_the_source_signature(prenorm):
+    model, toks, converted = prenorm
+    assert list(inspect.signature(converted.forward).parameters) == ["tokens"]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    ep = torch.export.export(converted.eval(), (toks,), dynamic_shapes={"tokens": {0: batch, 1: seq}}, strict=False)
+    other = tokens(3, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(other), converted(other))
