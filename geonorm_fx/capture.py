@@ -68,7 +68,23 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
         else:
             graphs[mode], is_dynamic = _export(work, args, kwargs, dynamic, warn=(mode == modes[0]))
             dynamic = is_dynamic
+    for gm in graphs.values():
+        _explicit_contiguous(gm)
     return Captured(graphs, "fx" if tracer == "fx" else "export", is_dynamic)
+
+
+def _explicit_contiguous(gm: fx.GraphModule) -> None:
+    """``aten.contiguous(x)`` -> ``aten.clone(x, memory_format=contiguous_format)``: the same value, but
+    re-exporting the converted module with dynamic shapes otherwise lets torch.onnx's decomposition
+    drop the copy and fail on the ``view`` that follows (seen with T5's attention output)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.contiguous.default and len(node.args) == 1:
+            node.target = aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def normalize_inputs(args, kwargs) -> tuple[tuple, dict]:
@@ -94,17 +110,19 @@ def _deepcopy(model: nn.Module) -> nn.Module:
             "geonorm-fx copies the model so the source is never changed: make it deep-copyable") from e
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """``Dim.AUTO`` on the first two dims of every tensor input (batch, sequence)."""
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: list | None = None):
+    """``Dim.AUTO`` on the first two dims of every tensor input (batch, sequence), or on ``dims[i]`` of
+    the i-th tensor input when given."""
     shapes = ShapesCollection()
     small = []
     seen: set[int] = set()
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and id(leaf) not in seen:
+    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    for i, leaf in enumerate(tensors):
+        if leaf.dim() >= 1 and id(leaf) not in seen:
             seen.add(id(leaf))
-            dims = range(min(leaf.dim(), 2))
-            shapes[leaf] = {d: Dim.AUTO for d in dims}
-            small += [leaf.shape[d] for d in dims if leaf.shape[d] <= 1]
+            chosen = dims[i] if dims is not None and i < len(dims) else range(min(leaf.dim(), 2))
+            shapes[leaf] = {d: Dim.AUTO for d in chosen}
+            small += [leaf.shape[d] for d in chosen if leaf.shape[d] <= 1]
     if small:
         warnings.warn("an example input has a batch or sequence size of 0 or 1, which torch.export "
                       "specialises: give examples with sizes >= 2 so the result accepts other sizes",

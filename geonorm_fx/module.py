@@ -13,6 +13,7 @@ import inspect
 import itertools
 import linecache
 
+import torch
 from torch import fx, nn
 
 from .errors import GeoNormError
@@ -72,8 +73,19 @@ class GeoNormModule(nn.Module):
             return fn(self, *args, **kwargs)
 
         forward.__signature__ = signature
-        base = type(self).__mro__[1] if type(self).__name__ == "_GeoNormModuleImpl" else type(self)
-        self.__class__ = type("_GeoNormModuleImpl", (base,), {"forward": forward, "__module__": __name__})
+        base = type(self).__mro__[1] if type(self).__dict__.get("_geonorm_per_instance") else type(self)
+        self.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
+                                                       "__qualname__": base.__qualname__,
+                                                       "_geonorm_per_instance": True})
+
+    def dynamic_dims(self) -> list[list[int]]:
+        """For each tensor input (in flattened order), the dims the capture kept dynamic."""
+        out = []
+        for node in self._geonorm_graphs["eval" if "eval" in self._geonorm_graphs else "train"].nodes:
+            val = node.meta.get("val") if node.op == "placeholder" else None
+            if isinstance(val, torch.Tensor):
+                out.append([d for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)])
+        return out
 
     @property
     def graph(self) -> fx.Graph:

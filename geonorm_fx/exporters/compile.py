@@ -1,0 +1,48 @@
+"""torch.compile hand-off and an ahead-of-time (AOTInductor) package for deployment."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..capture import _dynamic_shapes, normalize_inputs
+from ..errors import GeoNormError, InvalidInputError
+
+
+def compile_model(module: nn.Module, **torch_compile_kwargs):
+    """``torch.compile(module, **torch_compile_kwargs)``: same call signature as ``module``; works under
+    ``no_grad`` and for training (backward through the compiled module)."""
+    if not isinstance(module, nn.Module):
+        raise InvalidInputError(f"compile_model needs an nn.Module, got {type(module).__name__}")
+    return torch.compile(module, **torch_compile_kwargs)
+
+
+def export_aot(module: nn.Module, args, path: str, *, kwargs=None, dynamic: bool = True) -> str:
+    """Write an AOTInductor ``.pt2`` package of ``module`` (eval mode) with
+    ``torch._inductor.aoti_compile_and_package``; :func:`load_aot` runs it without the model's class."""
+    if not isinstance(module, nn.Module):
+        raise InvalidInputError(f"export_aot needs an nn.Module, got {type(module).__name__}")
+    if not str(path).endswith(".pt2"):
+        raise InvalidInputError(f"AOT packages end in .pt2, got {path}")
+    args, kwargs = normalize_inputs(args, kwargs)
+    was_training = module.training
+    module.eval()
+    try:
+        dims = module.dynamic_dims() if callable(getattr(module, "dynamic_dims", None)) else None
+        shapes = _dynamic_shapes(module, args, kwargs, dims) if dynamic else None
+        program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return torch._inductor.aoti_compile_and_package(program, package_path=path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the reason
+        raise GeoNormError(f"AOTInductor could not package {type(module).__name__}: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+    finally:
+        module.train(was_training)
+
+
+def load_aot(path: str):
+    """Load a package written by :func:`export_aot`; call it like the module (``fn(*args, **kwargs)``)."""
+    if not os.path.exists(path):
+        raise GeoNormError(f"no AOT package at {path}")
+    return torch._inductor.aoti_load_package(path)

@@ -1,0 +1,207 @@
+"""ONNX export with the torch.onnx dynamo exporter, verified in ONNX Runtime.
+
+``export_onnx`` writes the file (opset :data:`DEFAULT_OPSET` unless told, dynamic batch and sequence
+axes, external data for models over :data:`EXTERNAL_DATA_BYTES`), then, with ``verify=True``, runs it in
+ONNX Runtime (CUDA execution provider first when ``onnxruntime-gpu`` and a GPU are present, else CPU) on
+the example inputs and on inputs with other batch/sequence sizes, and compares with PyTorch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..capture import _dynamic_shapes, normalize_inputs
+from ..errors import GeoNormError, InvalidInputError
+
+#: Opset used when none is given; the dynamo exporter needs 18 or newer.
+DEFAULT_OPSET = 18
+#: Parameters larger than this go to an external-data file beside the model (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class VerificationError(GeoNormError):
+    """ONNX Runtime's outputs differ from PyTorch's beyond the tolerance (the message names the worst)."""
+
+
+@dataclass
+class OnnxExport:
+    """Where the model went and what verification measured."""
+
+    path: str
+    opset: int
+    size_bytes: int
+    providers: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    checked_shapes: list[list[tuple[int, ...]]] = field(default_factory=list)
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for comparing outputs of a model computing in ``dtype``."""
+    return {torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}.get(dtype, (1e-4, 1e-3))
+
+
+def default_providers() -> list[str]:
+    """CUDA first when ONNX Runtime has it and a GPU is visible, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    out = []
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        out.append("CUDAExecutionProvider")
+    return out + ["CPUExecutionProvider"]
+
+
+def ort_session(path: str, providers: list[str] | None = None, level: str = "all"):
+    """An ONNX Runtime session with graph optimisation ``"all"`` (ORT_ENABLE_ALL) or ``"none"``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=providers or default_providers())
+
+
+def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int | None = None, dynamic: bool = True,
+                verify: bool = True, providers: list[str] | None = None,
+                external_data: bool | None = None) -> OnnxExport:
+    """Export ``module`` (in eval mode) to ONNX at ``path`` and, with ``verify``, check it in ONNX Runtime
+    against PyTorch at the example shape and one other batch/sequence size; raises
+    :class:`VerificationError` naming the worst output and its difference when beyond tolerance."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise GeoNormError("ONNX export needs the onnx extra: pip install 'geonorm-fx[onnx]' "
+                           "(or '[gpu]' for onnxruntime-gpu)") from None
+    if not isinstance(module, nn.Module):
+        raise InvalidInputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
+    args, kwargs = normalize_inputs(args, kwargs)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset < 18:
+        raise InvalidInputError(f"opset {opset} is too old for the dynamo exporter: use 18 or newer")
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        shapes = _dynamic_shapes(module, args, kwargs, _captured_dims(module)) if dynamic else None
+        try:
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=shapes, external_data=external_data, verbose=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with the reason
+            raise GeoNormError(f"torch.onnx could not export {type(module).__name__}: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0][:300]}") from e
+        program.save(path, external_data=external_data)
+    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+    result = OnnxExport(path=path, opset=opset, size_bytes=size)
+    if verify:
+        verify_onnx(module, args, kwargs, result, providers)
+    return result
+
+
+def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport,
+                providers: list[str] | None = None, level: str = "all") -> None:
+    """Run ``result.path`` in ONNX Runtime at the example shape and at a new batch/sequence size; set
+    ``result.max_abs_diff`` / ``providers`` / ``checked_shapes``, or raise :class:`VerificationError`."""
+    session = ort_session(result.path, providers, level)
+    result.providers = list(session.get_providers())
+    cases = [(args, kwargs)]
+    other = _other_sizes(session, module, args, kwargs)
+    if other is not None:
+        cases.append(other)
+    worst = 0.0
+    for case_args, case_kwargs in cases:
+        with torch.no_grad(), _eval_mode(module):
+            expected = [t for t in pytree.tree_leaves(module(*case_args, **case_kwargs)) if isinstance(t, torch.Tensor)]
+        feeds = _feeds(session, case_args, case_kwargs)
+        got = session.run(None, feeds)
+        result.checked_shapes.append([tuple(v.shape) for v in feeds.values()])
+        if len(got) != len(expected):
+            raise VerificationError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}")
+        for i, (ref, out) in enumerate(zip(expected, got)):
+            ref = ref.detach().float().cpu()
+            out = torch.from_numpy(out).float()
+            diff = float((ref - out).abs().max()) if ref.numel() else 0.0
+            worst = max(worst, diff)
+            atol, rtol = tolerance(expected[i].dtype)
+            bound = atol + rtol * (float(ref.abs().max()) if ref.numel() else 0.0)
+            if not diff <= bound:  # NaN fails too
+                name = session.get_outputs()[i].name
+                raise VerificationError(
+                    f"ONNX Runtime ({result.providers[0]}) disagrees with PyTorch on output {i} ({name!r}) at input "
+                    f"shapes {result.checked_shapes[-1]}: max |diff| = {diff:.3g} > {bound:.3g}; the file "
+                    f"{result.path} is not a faithful export")
+    result.max_abs_diff = worst
+
+
+def _feeds(session, args: tuple, kwargs: dict) -> dict:
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise VerificationError(f"the ONNX model takes {len(names)} inputs but the example has {len(tensors)} tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def _captured_dims(module: nn.Module) -> list | None:
+    """The dims a converted module's capture kept dynamic (None for other modules: batch and sequence)."""
+    dims = getattr(module, "dynamic_dims", None)
+    return dims() if callable(dims) else None
+
+
+def _other_sizes(session, module: nn.Module, args: tuple, kwargs: dict):
+    """The example inputs with the symbolic ONNX dims (batch, sequence) grown by 1, 2, ...: all of them
+    if PyTorch accepts that, else only the first (batch); None when neither runs."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    symbols: list[str] = []
+    example: dict[str, int] = {}
+    for idx, meta in zip(tensors, session.get_inputs()):
+        for d, dim in enumerate(meta.shape):
+            if isinstance(dim, str) and dim not in example:
+                symbols.append(dim)
+                example[dim] = int(leaves[idx].shape[d])
+    for grown in (symbols, symbols[:1]):
+        if not grown:
+            return None
+        sizes = {sym: example[sym] + (k + 1 if sym in grown else 0) for k, sym in enumerate(symbols)}
+        case = pytree.tree_unflatten(_resized(leaves, tensors, session, sizes), spec)
+        try:
+            with torch.no_grad(), _eval_mode(module):
+                module(*case[0], **case[1])
+            return case
+        except Exception:  # noqa: BLE001 - the module does not take these sizes; try fewer
+            continue
+    return None
+
+
+def _resized(leaves: list, tensors: list[int], session, sizes: dict) -> list:
+    out = list(leaves)
+    gen = torch.Generator().manual_seed(0)
+    for idx, meta in zip(tensors, session.get_inputs()):
+        t = leaves[idx]
+        shape = [sizes[dim] if isinstance(dim, str) else int(t.shape[d]) for d, dim in enumerate(meta.shape)]
+        if t.dtype == torch.bool:
+            out[idx] = torch.ones(shape, dtype=torch.bool)
+        elif t.is_floating_point():
+            out[idx] = torch.randn(shape, generator=gen).to(t.dtype)
+        else:
+            high = int(t.max()) + 1 if t.numel() else 2
+            out[idx] = torch.randint(0, max(high, 1), shape, generator=gen, dtype=t.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
