@@ -91,17 +91,11 @@ def _whole_op(view: GraphView, node: fx.Node, spell: dict) -> NormMatch | None:
             shape = mod.normalized_shape
     if kind is None:
         return None
-    inp = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(inp, fx.Node):
+    inp = _input(node)
+    output = _first_output(node) if tuple_out else node
+    if inp is None or output is None:
         return None
-    output = node
-    nodes = {node}
-    if tuple_out:
-        firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-        if len(firsts) != 1:
-            return None
-        output = firsts[0]
-        nodes |= set(node.users)  # mean / rstd outputs belong to the norm too
+    nodes = {node} | (set(node.users) if tuple_out else set())  # mean / rstd outputs belong to the norm too
     if isinstance(shape, fx.Node):  # e.g. F.layer_norm(x, x.shape[-1:]) traced by fx
         shape = shape.meta.get("val")
     n_dims = 1 if isinstance(shape, int) or shape is None else len(shape)
@@ -188,15 +182,23 @@ def _other_norm(view: GraphView, node: fx.Node) -> NormMatch | None:
     kind = view.other_norm_kind(node)
     if kind is None:
         return None
-    inp = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(inp, fx.Node):
+    inp = _input(node)
+    if inp is None:
         return None
-    output = node
-    if isinstance(view.value(node), (tuple, list)):
-        firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-        output = firsts[0] if len(firsts) == 1 else node
+    output = (_first_output(node) or node) if isinstance(view.value(node), (tuple, list)) else node
     over = {"batch_norm": "the batch", "group_norm": "channel groups", "instance_norm": "each instance"}[kind]
     return NormMatch(kind, inp, view.root(inp), output, {node, output}, over, view.module_path(node))
+
+
+def _input(node: fx.Node) -> fx.Node | None:
+    inp = node.args[0] if node.args else node.kwargs.get("input")
+    return inp if isinstance(inp, fx.Node) else None
+
+
+def _first_output(node: fx.Node) -> fx.Node | None:
+    """The ``getitem(node, 0)`` of an op that returns a tuple (normalized output, statistics...)."""
+    firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+    return firsts[0] if len(firsts) == 1 else None
 
 
 def _add_input_casts(view: GraphView, node: fx.Node, nodes: set, stop: fx.Node | None = None) -> None:
