@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", parents=[common], help="convert and check the converted model runs")
     conv.add_argument("--clamp", type=float, default=math.pi / 4, help="maximum angle per update (radians)")
     conv.add_argument("--kinds", nargs="+", default=None, help="rewrite only these site kinds")
+    conv.add_argument("--onnx", metavar="OUT.onnx", help="export to ONNX and verify it in ONNX Runtime")
+    conv.add_argument("--aot", metavar="OUT.pt2", help="write an AOTInductor package and check it against PyTorch")
     sub.add_parser("demo", help="inspect and convert a built-in model, check the invariant, show the result")
     return p
 
@@ -66,16 +69,47 @@ def main(argv: list[str] | None = None) -> int:
         module = convert(built.model, built.args, built.kwargs, schedule=args.schedule, clamp=args.clamp,
                          kinds=args.kinds, dynamic=not args.static, tracer=args.tracer)
         check = _check_invariant(module, built.args, built.kwargs)
+        deployed = _deploy(args, module, built)
         if args.json:
-            print(json.dumps({"report": module.geonorm_report.to_dict(), "check": check}, indent=2))
+            print(json.dumps({"report": module.geonorm_report.to_dict(), "check": check, **deployed}, indent=2))
         else:
             print(f"{built.name}: {module.geonorm_report}")
             print(_describe_check(check))
+            for line in deployed.values():
+                print(line["summary"])
         _picture(args, module.geonorm_report)
         return 0
     except GeoNormError as e:
         print(f"geonorm-fx: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
+
+
+def _deploy(args, module, built) -> dict:
+    """``--onnx`` / ``--aot``: write the file, verify it against PyTorch, describe it."""
+    out = {}
+    if args.onnx:
+        from .exporters import export_onnx
+        r = export_onnx(module, built.args, args.onnx, kwargs=built.kwargs)
+        out["onnx"] = {"path": r.path, "size_bytes": r.size_bytes, "providers": r.providers, "opset": r.opset,
+                       "max_abs_diff": r.max_abs_diff, "checked_shapes": r.checked_shapes,
+                       "summary": f"wrote {r.path} ({r.size_bytes / 1024:.0f} KiB, opset {r.opset}); ONNX Runtime "
+                                  f"{', '.join(r.providers)}: max |diff| vs PyTorch {r.max_abs_diff:.2e} at input "
+                                  f"shapes {r.checked_shapes}"}
+    if args.aot:
+        from .exporters import export_aot, load_aot
+        path = export_aot(module, built.args, args.aot, kwargs=built.kwargs)
+        runner = load_aot(path)
+        module.eval()
+        with torch.no_grad():
+            expected = [t for t in torch.utils._pytree.tree_leaves(module(*built.args, **built.kwargs))
+                        if isinstance(t, torch.Tensor)]
+            got = [t for t in torch.utils._pytree.tree_leaves(runner(*built.args, **built.kwargs))
+                   if isinstance(t, torch.Tensor)]
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(expected, got))
+        size = os.path.getsize(path)
+        out["aot"] = {"path": path, "size_bytes": size, "max_abs_diff": diff,
+                      "summary": f"wrote {path} ({size / 1024:.0f} KiB, AOTInductor): max |diff| vs PyTorch {diff:.2e}"}
+    return out
 
 
 def _picture(args, report) -> None:
@@ -151,6 +185,17 @@ def _demo() -> int:
     with torch.no_grad():
         module(sample)
     print(f"-- shapes: the converted module also runs on input of shape {bigger} (example was {shape})")
+    try:
+        from .exporters import export_onnx
+    except ImportError:
+        print("-- onnx: skipped (pip install 'geonorm-fx[onnx]' for the ONNX Runtime road)")
+    else:
+        import tempfile
+        path = os.path.join(tempfile.mkdtemp(prefix="geonorm-demo-"), "model.onnx")
+        r = export_onnx(module, built.args, path, kwargs=built.kwargs)
+        print(f"-- onnx: {r.path} ({r.size_bytes / 1024:.0f} KiB, opset {r.opset}) runs in ONNX Runtime "
+              f"({', '.join(r.providers)}); max |diff| vs PyTorch {r.max_abs_diff:.2e} at input shapes "
+              f"{r.checked_shapes}")
     return 0 if check["invariant_holds"] else 1
 
 

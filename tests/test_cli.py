@@ -67,3 +67,17 @@ def test_console_script_demo_runs():
     assert proc.returncode == 0, proc.stderr
     assert "invariant <= 1e-5 holds" in proc.stdout
     assert "4 site(s) rewritten" in proc.stdout
+    assert "runs in ONNX Runtime (CPUExecutionProvider)" in proc.stdout
+
+
+def test_convert_onnx_and_aot_report_where_the_files_went(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx_path, aot_path = tmp_path / "m.onnx", tmp_path / "m.pt2"
+    assert main(["convert", "tests.tiny:factory", "--onnx", str(onnx_path), "--aot", str(aot_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["onnx"]["path"] == str(onnx_path) and onnx_path.exists()
+    assert data["onnx"]["size_bytes"] == os.path.getsize(onnx_path)
+    assert data["onnx"]["providers"] == ["CPUExecutionProvider"] and data["onnx"]["max_abs_diff"] < 1e-4
+    assert data["aot"]["path"] == str(aot_path) and aot_path.exists() and data["aot"]["max_abs_diff"] < 1e-4
+    assert main(["convert", "tests.tiny:factory", "--onnx", str(onnx_path)]) == 0
+    assert "ONNX Runtime CPUExecutionProvider: max |diff| vs PyTorch" in capsys.readouterr().out

@@ -101,3 +101,17 @@ def test_exporters_reject_bad_input(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), (torch.randn(2, 2),), str(tmp_path / "x.onnx"), opset=17)
     with pytest.raises(gf.GeoNormError, match=r"end in \.pt2"):
         export_aot(torch.nn.Linear(2, 2), (torch.randn(2, 2),), str(tmp_path / "x.zip"))
+
+
+def test_half_precision_export(tmp_path):
+    model = MixedStack(["pre", "post", "sandwich", "parallel"], spelling="hand_rms").half().eval()
+    module = gf.convert(model, (tokens(),))
+    result = export_onnx(module, (tokens(),), str(tmp_path / "fp16.onnx"))
+    assert result.max_abs_diff < 1e-2 and len(result.checked_shapes) == 2   # float16 tolerance
+    bf16 = gf.convert(MixedStack(["pre", "post"], spelling="hand_rms").bfloat16().eval(), (tokens(),))
+    try:
+        assert export_onnx(bf16, (tokens(),), str(tmp_path / "bf16.onnx")).max_abs_diff < 5e-2
+    except VerificationError as e:  # ORT's CPU provider lacks some bfloat16 kernels; the error says so
+        assert "bfloat16" in str(e)
+    assert (tmp_path / "bf16.onnx").exists()
+

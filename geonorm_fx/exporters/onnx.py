@@ -110,7 +110,10 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
                 providers: list[str] | None = None, level: str = "all") -> None:
     """Run ``result.path`` in ONNX Runtime at the example shape and at a new batch/sequence size; set
     ``result.max_abs_diff`` / ``providers`` / ``checked_shapes``, or raise :class:`VerificationError`."""
-    session = ort_session(result.path, providers, level)
+    try:
+        session = ort_session(result.path, providers, level)
+    except Exception as e:  # noqa: BLE001 - ORT's own errors, re-raised with what to do
+        raise _ort_failure(result.path, e) from e
     result.providers = list(session.get_providers())
     cases = [(args, kwargs)]
     other = _other_sizes(session, module, args, kwargs)
@@ -121,7 +124,10 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
         with torch.no_grad(), _eval_mode(module):
             expected = [t for t in pytree.tree_leaves(module(*case_args, **case_kwargs)) if isinstance(t, torch.Tensor)]
         feeds = _feeds(session, case_args, case_kwargs)
-        got = session.run(None, feeds)
+        try:
+            got = session.run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - ORT's own errors, re-raised with what to do
+            raise _ort_failure(result.path, e) from e
         result.checked_shapes.append([tuple(v.shape) for v in feeds.values()])
         if len(got) != len(expected):
             raise VerificationError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}")
@@ -139,6 +145,13 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
                     f"shapes {result.checked_shapes[-1]}: max |diff| = {diff:.3g} > {bound:.3g}; the file "
                     f"{result.path} is not a faithful export")
     result.max_abs_diff = worst
+
+
+def _ort_failure(path: str, e: Exception) -> VerificationError:
+    first = str(e).strip().splitlines()[0][:300]
+    hint = (" (ONNX Runtime's CPU provider has no bfloat16 kernels for some ops: verify on the CUDA provider, "
+            "or export in float16/float32)" if "NOT_IMPLEMENTED" in first else "")
+    return VerificationError(f"ONNX Runtime could not load or run {path}: {first}{hint}")
 
 
 def _feeds(session, args: tuple, kwargs: dict) -> dict:

@@ -222,6 +222,8 @@ def _absorb_affine(view: GraphView, match: NormMatch) -> None:
             return
         nxt = users[0]
         if view.is_cast(nxt) and view.passthrough_input(nxt) is match.output:
+            if view.dtype(nxt) != view.dtype(match.source):
+                return  # an up-cast by the next reader (e.g. the next norm's float32 copy), not ours
             match.nodes.add(nxt)
             match.output = nxt
             continue
