@@ -5,7 +5,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .capture import capture
 from .errors import ConversionError, InvalidInputError, NoSitesError, ScheduleError
@@ -72,7 +72,8 @@ def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", cla
         gm.add_module(prefix, updates)
         sites = [analyses[mode].sites[i] for i in chosen]
         removed |= rewrite_sites(gm, sites, [f"{prefix}.{j}" for j in range(len(chosen))])
-    removed = {t for t in removed if not any(_references(gm, t) for gm in cap.graphs.values())}
+    still_used = {n.target for gm in cap.graphs.values() for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    removed -= still_used
     for target in removed:
         _delete(root, target)
     report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set)
@@ -142,10 +143,6 @@ def _device_of(gm: nn.Module) -> torch.device:
     for t in list(gm.parameters()) + list(gm.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def _references(gm: fx.GraphModule, target: str) -> bool:
-    return any(n.op in ("get_attr", "call_module") and n.target == target for n in gm.graph.nodes)
 
 
 def _delete(root: nn.Module, target: str) -> None:

@@ -10,6 +10,7 @@ it, the output changes.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import nn
@@ -48,8 +49,10 @@ def prenorm_identity_gap(model, args=(), kwargs=None, *, tracer: str = "auto") -
                            "sites: the identity of GEONORM.md section 6 holds only for Pre-Norm")
     with torch.no_grad():
         reference = graph_module(*args, **kwargs)
-    position = [sum(1 for t in analysis.sites[:i + 1] if t.stream == s.stream)  # j, 1-based, per stream
-                for i, s in enumerate(analysis.sites)]
+    position, seen = [], Counter()
+    for site in analysis.sites:  # j, 1-based, counted per residual stream
+        seen[site.stream] += 1
+        position.append(seen[site.stream])
     updates = nn.ModuleList(RescaledResidual(math.sqrt(j / (j + 1)), 1 / math.sqrt(j + 1)) for j in position)
     graph_module.add_module("_prenorm_identity", updates)
     rewrite_sites(graph_module, analysis.sites, [f"_prenorm_identity.{i}" for i in range(len(updates))])

@@ -2,7 +2,6 @@
 (site kinds and counts) and a hand-written GeoNorm reference built from the same weights."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .reference import reference_geodesic

@@ -1,7 +1,6 @@
 """The picture of the residual stream: networkx graph, DOT text, SVG through Graphviz when installed."""
 import shutil
 
-import pytest
 
 import geonorm_fx as gf
 from geonorm_fx.cli import main

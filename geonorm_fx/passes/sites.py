@@ -268,9 +268,13 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
 def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_nodes: set) -> list[Skip]:
     used = {id(n) for s in sites for n in s.norms}
     stream_values = {view.root(s.x) for s in sites} | {view.root(s.output) for s in sites}
-    last_values = {view.root(s.output) for i, s in enumerate(sites)
-                   if all(t.stream != s.stream for t in sites[i + 1:])}
-    first_inputs = {view.root(s.x) for i, s in enumerate(sites) if all(t.stream != s.stream for t in sites[:i])}
+    first_of_stream: dict[int, SiteMatch] = {}
+    last_of_stream: dict[int, SiteMatch] = {}
+    for s in sites:
+        first_of_stream.setdefault(s.stream, s)
+        last_of_stream[s.stream] = s
+    last_values = {view.root(s.output) for s in last_of_stream.values()}
+    first_inputs = {view.root(s.x) for s in first_of_stream.values()}
     geo_inputs = {view.root(i) for g in geo_nodes for i in view.data_inputs(g)}
     skipped = []
     for norm in norms:
