@@ -88,10 +88,10 @@ def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_
     for i, s in enumerate(analysis.sites):
         if i in chosen:
             sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[i],
-                              path=s.path, node=s.add.name, stream=s.stream))
+                              path=s.path, node=s.sum.name, stream=s.stream))
         else:
             skipped.append(Skip(reason=f"{s.kind} site left as it is: kind {s.kind!r} not in "
-                                       f"kinds={sorted(kind_set or ())}", node=s.add.name, path=s.path))
+                                       f"kinds={sorted(kind_set or ())}", node=s.sum.name, path=s.path))
     name = schedule if isinstance(schedule, str) else "custom"
     return Report(sites=sites, skipped=skipped, n_blocks=analysis.n_blocks, schedule=name,
                   tracer=tracer, dynamic=dynamic, blocks_per_stream=list(analysis.blocks_per_stream))

@@ -110,14 +110,19 @@ def _deepcopy(model: nn.Module) -> nn.Module:
             "geonorm-fx copies the model so the source is never changed: make it deep-copyable") from e
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: list | None = None):
-    """``Dim.AUTO`` on the first two dims of every tensor input (batch, sequence), or on ``dims[i]`` of
-    the i-th tensor input when given."""
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    """The tensors of a pytree (inputs or outputs), in flattening order."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict):
+    """``Dim.AUTO`` on the first two dims of every tensor input (batch, sequence); for a converted
+    module, on the dims its own capture kept dynamic (``model.dynamic_dims()``)."""
+    dims = model.dynamic_dims() if callable(getattr(model, "dynamic_dims", None)) else None
     shapes = ShapesCollection()
     small = []
     seen: set[int] = set()
-    tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-    for i, leaf in enumerate(tensors):
+    for i, leaf in enumerate(tensor_leaves((args, kwargs))):
         if leaf.dim() >= 1 and id(leaf) not in seen:
             seen.add(id(leaf))
             chosen = dims[i] if dims is not None and i < len(dims) else range(min(leaf.dim(), 2))
@@ -141,7 +146,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, warn: bo
     if dynamic:
         a, k = _fresh(args, kwargs)
         try:
-            ep = torch.export.export(model, a, k, dynamic_shapes=_dynamic_shapes(model, a, k), strict=False)
+            ep = torch.export.export(model, a, k, dynamic_shapes=dynamic_shapes_for(model, a, k), strict=False)
             return ep.module(), True
         except Exception as e:  # noqa: BLE001 - retried statically below
             dynamic_error = e

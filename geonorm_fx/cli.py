@@ -13,6 +13,7 @@ import torch
 
 from . import zoo
 from .api import convert, inspect
+from .capture import tensor_leaves
 from .errors import GeoNormError
 from .geodesic import GeodesicUpdate
 from .schedules import SCHEDULE_NAMES
@@ -101,10 +102,8 @@ def _deploy(args, module, built) -> dict:
         runner = load_aot(path)
         module.eval()
         with torch.no_grad():
-            expected = [t for t in torch.utils._pytree.tree_leaves(module(*built.args, **built.kwargs))
-                        if isinstance(t, torch.Tensor)]
-            got = [t for t in torch.utils._pytree.tree_leaves(runner(*built.args, **built.kwargs))
-                   if isinstance(t, torch.Tensor)]
+            expected = tensor_leaves(module(*built.args, **built.kwargs))
+            got = tensor_leaves(runner(*built.args, **built.kwargs))
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(expected, got))
         size = os.path.getsize(path)
         out["aot"] = {"path": path, "size_bytes": size, "max_abs_diff": diff,

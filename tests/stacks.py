@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .reference import reference_geodesic
-from .tiny import MLP, Mixer, make_norm
+from .tiny import MLP, Mixer, TokenStack, make_norm
 
 PLACEMENTS = ("pre", "post", "sandwich", "respost", "parallel", "deepnorm")
 ASSOCIATIONS = ("left", "right", "first")   # (x + a) + b, x + (a + b), (a + b) + x
@@ -74,25 +74,14 @@ class Block(nn.Module):
         return geo(x, self.mix(na(x)) + self.mlp(nb(x)))
 
 
-class MixedStack(nn.Module):
+class MixedStack(TokenStack):
     """Embedding -> one Block per placement -> optional final norm -> head."""
 
     def __init__(self, placements, d=16, vocab=32, spelling="nn.LayerNorm", final_norm=True, p=0.0,
                  assoc="left", shared=False, spellings=None):
-        super().__init__()
         spellings = spellings or [spelling] * len(placements)
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, pl, sp, p, assoc, shared) for pl, sp in zip(placements, spellings))
-        self.final = make_norm(spellings[-1], d) if final_norm else None
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        if self.final is not None:
-            x = self.final(x)
-        return self.head(x)
+        super().__init__(lambda: [Block(d, pl, sp, p, assoc, shared) for pl, sp in zip(placements, spellings)],
+                         d, vocab, spellings[-1] if final_norm else None)
 
     def expected_counts(self, kinds=None) -> dict:
         out: dict = {}

@@ -124,14 +124,15 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-class Stack(nn.Module):
-    """Embedding -> blocks -> optional final norm -> head; ``x`` is a (batch, seq) token tensor."""
+class TokenStack(nn.Module):
+    """Embedding -> blocks -> optional final norm -> head; ``x`` is a (batch, seq) token tensor.
+    ``make_blocks()`` builds the blocks (after the embedding, so weights come out the same order)."""
 
-    def __init__(self, block_cls, depth=3, d=16, vocab=32, spelling="nn.LayerNorm", final_norm=True, p=0.0):
+    def __init__(self, make_blocks, d, vocab, final_spelling=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(block_cls(d, spelling, p) for _ in range(depth))
-        self.final = make_norm(spelling, d) if final_norm else None
+        self.blocks = nn.ModuleList(make_blocks())
+        self.final = make_norm(final_spelling, d) if final_spelling else None
         self.head = nn.Linear(d, vocab)
 
     def forward(self, tokens):
@@ -141,6 +142,14 @@ class Stack(nn.Module):
         if self.final is not None:
             x = self.final(x)
         return self.head(x)
+
+
+class Stack(TokenStack):
+    """``depth`` copies of one block class, all with the same norm spelling."""
+
+    def __init__(self, block_cls, depth=3, d=16, vocab=32, spelling="nn.LayerNorm", final_norm=True, p=0.0):
+        super().__init__(lambda: [block_cls(d, spelling, p) for _ in range(depth)], d, vocab,
+                         spelling if final_norm else None)
 
 
 def tokens(batch=2, seq=6, vocab=32, seed=0):

@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-from ..capture import _dynamic_shapes, normalize_inputs
+from ..capture import dynamic_shapes_for, normalize_inputs
 from ..errors import GeoNormError, InvalidInputError
 
 
@@ -29,8 +29,7 @@ def export_aot(module: nn.Module, args, path: str, *, kwargs=None, dynamic: bool
     was_training = module.training
     module.eval()
     try:
-        dims = module.dynamic_dims() if callable(getattr(module, "dynamic_dims", None)) else None
-        shapes = _dynamic_shapes(module, args, kwargs, dims) if dynamic else None
+        shapes = dynamic_shapes_for(module, args, kwargs) if dynamic else None
         program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return torch._inductor.aoti_compile_and_package(program, package_path=path)

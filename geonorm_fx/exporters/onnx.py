@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture import _dynamic_shapes, normalize_inputs
+from ..capture import dynamic_shapes_for, normalize_inputs, tensor_leaves
 from ..errors import GeoNormError, InvalidInputError
 
 #: Opset used when none is given; the dynamo exporter needs 18 or newer.
@@ -91,7 +91,7 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
-        shapes = _dynamic_shapes(module, args, kwargs, _captured_dims(module)) if dynamic else None
+        shapes = dynamic_shapes_for(module, args, kwargs) if dynamic else None
         try:
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, external_data=external_data, verbose=False)
@@ -122,7 +122,7 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
     worst = 0.0
     for case_args, case_kwargs in cases:
         with torch.no_grad(), _eval_mode(module):
-            expected = [t for t in pytree.tree_leaves(module(*case_args, **case_kwargs)) if isinstance(t, torch.Tensor)]
+            expected = tensor_leaves(module(*case_args, **case_kwargs))
         feeds = _feeds(session, case_args, case_kwargs)
         try:
             got = session.run(None, feeds)
@@ -155,17 +155,11 @@ def _ort_failure(path: str, e: Exception) -> VerificationError:
 
 
 def _feeds(session, args: tuple, kwargs: dict) -> dict:
-    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tensors = tensor_leaves((args, kwargs))
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
         raise VerificationError(f"the ONNX model takes {len(names)} inputs but the example has {len(tensors)} tensors")
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-
-
-def _captured_dims(module: nn.Module) -> list | None:
-    """The dims a converted module's capture kept dynamic (None for other modules: batch and sequence)."""
-    dims = getattr(module, "dynamic_dims", None)
-    return dims() if callable(dims) else None
 
 
 def _other_sizes(session, module: nn.Module, args: tuple, kwargs: dict):

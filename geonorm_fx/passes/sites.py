@@ -50,10 +50,6 @@ class SiteMatch:
     path: str = ""
     stream: int = 0
 
-    @property
-    def add(self) -> fx.Node:
-        return self.sum
-
     def signature(self) -> tuple:
         return (self.kind, self.norm.kind, self.stream, self.block, self.path)
 
@@ -234,7 +230,7 @@ def _assign_streams_and_blocks(view: GraphView, sites: list[SiteMatch]) -> list[
 
 
 def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
-    chains = [view.module_stack(site.add) for site in sites]
+    chains = [view.module_stack(site.sum) for site in sites]
     siblings: dict[tuple, set] = defaultdict(set)
     for chain in chains:
         parent = None
