@@ -4,11 +4,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-EXTRAS ?= hf,onnx,test
+EXTRAS ?= hf,onnx,test,train
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench zoo clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+zoo: install
+	$(PY) benchmarks/zoo_sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .capture import capture
+from .capture import Captured, capture
 from .errors import ConversionError, InvalidInputError, NoSitesError, ScheduleError
 from .geodesic import GeodesicUpdate
 from .module import GeoNormModule
@@ -43,11 +43,20 @@ def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", cla
     what was rewritten. ``kinds`` restricts the rewrite to the named kinds; ``strict=True`` raises
     :class:`NoSitesError` when nothing was rewritten.
     """
-    kind_set = _check_kinds(kinds)
+    _check_kinds(kinds)
     _check_schedule(schedule)
     if not isinstance(clamp, (int, float)) or not (0.0 < float(clamp) <= math.pi):
         raise InvalidInputError(f"clamp must be an angle in (0, pi], got {clamp!r}")
     cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer)
+    return convert_captured(cap, schedule=schedule, clamp=clamp, learnable=learnable, kinds=kinds, strict=strict)
+
+
+def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: float = math.pi / 4,
+                     learnable: bool = True, kinds: Iterable[str] | None = None,
+                     strict: bool = False) -> nn.Module:
+    """The pass alone: find sites in each captured graph, rewrite them in place, wrap the graphs in a
+    :class:`GeoNormModule`. :func:`convert` is ``capture`` followed by this (benchmarks time it apart)."""
+    kind_set = _check_kinds(kinds)
     analyses = {mode: analyze(GraphView(gm)) for mode, gm in cap.graphs.items()}
     reference = analyses["eval"]
     for mode, analysis in analyses.items():
@@ -71,7 +80,8 @@ def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", cla
     for mode, gm in cap.graphs.items():
         gm.add_module(prefix, updates)
         sites = [analyses[mode].sites[i] for i in chosen]
-        removed |= rewrite_sites(gm, sites, [f"{prefix}.{j}" for j in range(len(chosen))])
+        # GeoNormModule generates the forward code from the graphs: no recompile here
+        removed |= rewrite_sites(gm, sites, [f"{prefix}.{j}" for j in range(len(chosen))], recompile=False)
     still_used = {n.target for gm in cap.graphs.values() for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     removed -= still_used
     for target in removed:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import nn
@@ -16,6 +17,30 @@ def compile_model(module: nn.Module, **torch_compile_kwargs):
     if not isinstance(module, nn.Module):
         raise InvalidInputError(f"compile_model needs an nn.Module, got {type(module).__name__}")
     return torch.compile(module, **torch_compile_kwargs)
+
+
+#: a launch of an Inductor-generated kernel in its output code: C++ (CPU) or Triton (GPU)
+_LAUNCH = re.compile(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\()", re.MULTILINE)
+
+
+def kernel_launches(module: nn.Module, args, kwargs=None) -> int:
+    """Number of generated kernels one ``no_grad`` call of ``torch.compile(module)`` launches (library
+    calls such as matmuls are not counted). Compiles ``module`` afresh; raises :class:`GeoNormError` when
+    Dynamo splits the module into several graphs, since a count over split graphs says nothing about fusion.
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    args, kwargs = normalize_inputs(args, kwargs)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module)(*args, **kwargs)
+    if explained.graph_break_count:
+        reasons = "; ".join(r.reason.strip().splitlines()[0] for r in explained.break_reasons[:3])
+        raise GeoNormError(f"torch.compile splits {type(module).__name__} into {explained.graph_count} graphs "
+                           f"({reasons}); fix the graph breaks before counting kernels")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(module), *args, **kwargs)
+    return len(_LAUNCH.findall("\n".join(code)))
 
 
 def export_aot(module: nn.Module, args, path: str, *, kwargs=None, dynamic: bool = True) -> str:

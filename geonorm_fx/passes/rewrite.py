@@ -14,10 +14,12 @@ from .ops import GraphView
 from .sites import SiteMatch
 
 
-def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]) -> set[str]:
+def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str], *,
+                  recompile: bool = True) -> set[str]:
     """Replace each site by a ``call_module`` to ``targets[i]`` (a module ``forward(x, s)`` already
     registered on ``gm``); erase the nodes that became dead and return the ``get_attr`` /
-    ``call_module`` targets that no node of the graph references any more."""
+    ``call_module`` targets that no node of the graph references any more. ``recompile=False`` leaves
+    ``gm.forward`` stale, for a caller that generates code from ``gm.graph`` itself."""
     graph = gm.graph
     view = GraphView(gm)
     candidates: set[fx.Node] = set()
@@ -37,7 +39,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]
         candidates |= site.dead
     dropped = _erase_dead(graph, view, candidates)
     graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     still_used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     return {t for t in dropped if t not in still_used}
 

@@ -1,0 +1,132 @@
+"""Inference overhead of the converted model, measured side by side with the source (issue 5).
+
+For each table model (Llama-, GPT-2-, BERT-style, d=512, 8 blocks, 4 x 256 tokens) and each mode, times the
+source and the converted model interleaved in one process (medians of --reps rounds after warm-up, plus the
+p10..p90 spread of the per-round ratios) and prints the ratio beside its target:
+  eager    PyTorch eager, no_grad                       target <= 1.10
+  compile  torch.compile (Inductor)                      target <= 1.03
+  ort      ONNX Runtime, ORT_ENABLE_ALL, CPU provider    target <= 1.05
+  memory   peak bytes allocated by an eager forward      target <= 1.05
+
+Usage: python benchmarks/overhead.py [--models llama,gpt2,bert] [--modes eager,compile,ort,memory]
+                                     [--reps 20] [--json benchmarks/results/overhead.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import geonorm_fx as gf  # noqa: E402
+from models import table_model  # noqa: E402
+from timing import interleaved, machine, peak_memory_bytes, ratio_summary  # noqa: E402
+
+TARGETS = {"eager": 1.10, "compile": 1.03, "ort": 1.05, "memory": 1.05}
+
+
+def _no_grad(fn, *args):
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+    return call
+
+
+def eager(source, converted, args, reps):
+    return ratio_summary(**_pair(interleaved({"s": _no_grad(source, *args), "c": _no_grad(converted, *args)}, reps)))
+
+
+def compiled(source, converted, args, reps):
+    torch._dynamo.reset()
+    fast_source, fast_converted = torch.compile(source), torch.compile(converted)
+    return ratio_summary(**_pair(interleaved({"s": _no_grad(fast_source, *args),
+                                              "c": _no_grad(fast_converted, *args)}, reps)))
+
+
+def onnx_runtime(source, converted, args, reps):
+    from geonorm_fx.exporters import export_onnx, ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = export_onnx(source, args, os.path.join(tmp, "source.onnx"), verify=False)
+        conv = export_onnx(converted, args, os.path.join(tmp, "converted.onnx"))  # verified in ORT
+        sessions = {"s": ort_session(src.path, level="all"), "c": ort_session(conv.path, level="all")}
+        feeds = {k: {sess.get_inputs()[0].name: args[0].numpy()} for k, sess in sessions.items()}
+        times = interleaved({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, reps)
+        row = ratio_summary(**_pair(times))
+        row["providers"] = conv.providers
+        row["verified_max_abs_diff"] = conv.max_abs_diff
+    return row
+
+
+def memory(source, converted, args, reps):
+    s = peak_memory_bytes(_no_grad(source, *args))
+    c = peak_memory_bytes(_no_grad(converted, *args))
+    return {"source_mb": s / 2**20, "converted_mb": c / 2**20, "ratio": c / s}
+
+
+def _pair(times):
+    return {"source": times["s"], "converted": times["c"]}
+
+
+MODES = {"eager": eager, "compile": compiled, "ort": onnx_runtime, "memory": memory}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="llama,gpt2,bert")
+    ap.add_argument("--modes", default="eager,compile,ort,memory")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--json", default="benchmarks/results/overhead.json")
+    opts = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    rows = []
+    for name in opts.models.split(","):
+        source, args = table_model(name, width=opts.width, blocks=opts.blocks)
+        converted = gf.convert(source, args).eval()
+        counts = converted.geonorm_report.counts()
+        for mode in opts.modes.split(","):
+            row = {"model": name, "mode": mode, "sites": counts, **MODES[mode](source, converted, args, opts.reps)}
+            row["target"] = TARGETS[mode]
+            row["met"] = row["ratio"] <= TARGETS[mode]
+            rows.append(row)
+            print(_line(row), flush=True)
+    print()
+    print(f"machine: {machine()}")
+    print(_table(rows))
+    if opts.json:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+        with open(opts.json, "w") as f:
+            json.dump({"machine": machine(), "reps": opts.reps, "rows": rows}, f, indent=2)
+
+
+def _line(row) -> str:
+    if row["mode"] == "memory":
+        return f"{row['model']:6s} memory  {row['source_mb']:.1f} MB -> {row['converted_mb']:.1f} MB  ratio {row['ratio']:.3f}"
+    return (f"{row['model']:6s} {row['mode']:7s} {row['source_ms']:.1f} ms -> {row['converted_ms']:.1f} ms  "
+            f"ratio {row['ratio']:.3f} (p10 {row['ratio_p10']:.3f}, p90 {row['ratio_p90']:.3f})")
+
+
+def _table(rows) -> str:
+    lines = ["| model | mode | source | converted | ratio | per-round ratio p10..p90 | target | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "memory":
+            src, conv, spread = f"{r['source_mb']:.1f} MB", f"{r['converted_mb']:.1f} MB", "-"
+        else:
+            src, conv = f"{r['source_ms']:.1f} ms", f"{r['converted_ms']:.1f} ms"
+            spread = f"{r['ratio_p10']:.3f}..{r['ratio_p90']:.3f}"
+        lines.append(f"| {r['model']} | {r['mode']} | {src} | {conv} | {r['ratio']:.3f} | {spread} | "
+                     f"<= {r['target']:.2f} | {'yes' if r['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Measurement helpers shared by the benchmarks: interleaved timing, peak memory, the models of the table."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def interleaved(fns: dict, reps: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of every function in ``fns``, called in turn (a, b, a, b, ...) ``reps`` times after
+    ``warmup`` rounds, so that drift in a shared machine's load hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, linear interpolation."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def ratio_summary(source: list[float], converted: list[float]) -> dict:
+    """Median times, their ratio, and the spread of the per-round ratios (p10, p90): round ``i`` of the
+    interleaved run timed both models back to back, so their ratio cancels most of the machine's drift."""
+    pair = [c / s for s, c in zip(source, converted)]
+    return {"source_ms": 1e3 * statistics.median(source), "converted_ms": 1e3 * statistics.median(converted),
+            "ratio": statistics.median(converted) / statistics.median(source),
+            "ratio_p10": quantile(pair, 0.1), "ratio_p90": quantile(pair, 0.9), "reps": len(pair)}
+
+
+def peak_memory_bytes(fn) -> int:
+    """Peak bytes held by tensors allocated while ``fn()`` runs (CPU allocator events of the profiler, in
+    time order, summed); memory held before the call (weights, inputs) is not counted."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def machine() -> str:
+    """One line naming the machine and library versions, for the tables."""
+    import os
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op threads")
