@@ -7,9 +7,11 @@ p10..p90 spread of the per-round ratios) and prints the ratio beside its target:
   compile  torch.compile (Inductor)                      target <= 1.03
   ort      ONNX Runtime, ORT_ENABLE_ALL, CPU provider    target <= 1.05
   memory   peak bytes allocated by an eager forward      target <= 1.05
+For eager and memory the "vs captured" column divides by the captured, unrewritten graph (`convert(...,
+kinds=())`): the update's own cost, without what torch.export's decomposition changes in the model.
 
 Usage: python benchmarks/overhead.py [--models llama,gpt2,bert] [--modes eager,compile,ort,memory]
-                                     [--reps 20] [--json benchmarks/results/overhead.json]
+                                     [--reps 20] [--threads N] [--json benchmarks/results/overhead.json]
 """
 from __future__ import annotations
 
@@ -37,24 +39,30 @@ def _no_grad(fn, *args):
     return call
 
 
-def eager(source, converted, args, reps):
-    return ratio_summary(**_pair(interleaved({"s": _no_grad(source, *args), "c": _no_grad(converted, *args)}, reps)))
+def eager(source, converted, args, reps, captured):
+    times = interleaved({"s": _no_grad(source, *args), "c": _no_grad(converted, *args),
+                         "k": _no_grad(captured, *args)}, reps)
+    row = ratio_summary(**_pair(times))
+    row["vs_captured"] = ratio_summary(times["k"], times["c"])["ratio"]
+    return row
 
 
-def compiled(source, converted, args, reps):
+def compiled(source, converted, args, reps, captured):
     torch._dynamo.reset()
     fast_source, fast_converted = torch.compile(source), torch.compile(converted)
     return ratio_summary(**_pair(interleaved({"s": _no_grad(fast_source, *args),
                                               "c": _no_grad(fast_converted, *args)}, reps)))
 
 
-def onnx_runtime(source, converted, args, reps):
+def onnx_runtime(source, converted, args, reps, captured):
     from geonorm_fx.exporters import export_onnx, ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         src = export_onnx(source, args, os.path.join(tmp, "source.onnx"), verify=False)
         conv = export_onnx(converted, args, os.path.join(tmp, "converted.onnx"))  # verified in ORT
-        sessions = {"s": ort_session(src.path, level="all"), "c": ort_session(conv.path, level="all")}
+        threads = torch.get_num_threads()
+        sessions = {"s": ort_session(src.path, level="all", threads=threads),
+                    "c": ort_session(conv.path, level="all", threads=threads)}
         feeds = {k: {sess.get_inputs()[0].name: args[0].numpy()} for k, sess in sessions.items()}
         times = interleaved({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, reps)
         row = ratio_summary(**_pair(times))
@@ -63,10 +71,9 @@ def onnx_runtime(source, converted, args, reps):
     return row
 
 
-def memory(source, converted, args, reps):
-    s = peak_memory_bytes(_no_grad(source, *args))
-    c = peak_memory_bytes(_no_grad(converted, *args))
-    return {"source_mb": s / 2**20, "converted_mb": c / 2**20, "ratio": c / s}
+def memory(source, converted, args, reps, captured):
+    s, c, k = (peak_memory_bytes(_no_grad(m, *args)) for m in (source, converted, captured))
+    return {"source_mb": s / 2**20, "converted_mb": c / 2**20, "ratio": c / s, "vs_captured": c / k}
 
 
 def _pair(times):
@@ -83,17 +90,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's choice)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     opts = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     rows = []
     for name in opts.models.split(","):
         source, args = table_model(name, width=opts.width, blocks=opts.blocks)
         converted = gf.convert(source, args).eval()
+        captured = gf.convert(source, args, kinds=()).eval()  # the same capture, nothing rewritten: a control
         counts = converted.geonorm_report.counts()
         for mode in opts.modes.split(","):
-            row = {"model": name, "mode": mode, "sites": counts, **MODES[mode](source, converted, args, opts.reps)}
+            row = {"model": name, "mode": mode, "sites": counts, **MODES[mode](source, converted, args, opts.reps, captured)}
             row["target"] = TARGETS[mode]
             row["met"] = row["ratio"] <= TARGETS[mode]
             rows.append(row)
@@ -115,8 +126,8 @@ def _line(row) -> str:
 
 
 def _table(rows) -> str:
-    lines = ["| model | mode | source | converted | ratio | per-round ratio p10..p90 | target | met |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | source | converted | ratio | per-round ratio p10..p90 | target | met | vs captured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "memory":
             src, conv, spread = f"{r['source_mb']:.1f} MB", f"{r['converted_mb']:.1f} MB", "-"
@@ -124,7 +135,8 @@ def _table(rows) -> str:
             src, conv = f"{r['source_ms']:.1f} ms", f"{r['converted_ms']:.1f} ms"
             spread = f"{r['ratio_p10']:.3f}..{r['ratio_p90']:.3f}"
         lines.append(f"| {r['model']} | {r['mode']} | {src} | {conv} | {r['ratio']:.3f} | {spread} | "
-                     f"<= {r['target']:.2f} | {'yes' if r['met'] else '**no**'} |")
+                     f"<= {r['target']:.2f} | {'yes' if r['met'] else '**no**'} | "
+                     + (f"{r['vs_captured']:.3f} |" if "vs_captured" in r else "- |"))
     return "\n".join(lines)
 
 

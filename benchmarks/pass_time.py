@@ -1,7 +1,7 @@
 """How long the pass itself takes, next to torch.export, and how it scales with depth (issue 5).
 
 The pass is everything after capture: site analysis of the eval and train graphs, the rewrite, the module
-wrapper (``geonorm_fx.api.convert_captured``). Targets: at 32 blocks the pass takes <= 5% of one
+wrapper with its generated forward code (``geonorm_fx.api.convert_captured``). Targets: at 32 blocks the pass takes <= 5% of one
 ``torch.export.export`` of the same model; time(64 blocks) / time(8 blocks) <= 10 (linear in graph size).
 
 Usage: python benchmarks/pass_time.py [--blocks 8,32,64] [--reps 20] [--export-reps 3]
@@ -68,6 +68,8 @@ def main() -> None:
         if blocks == opts.export_at:
             row["export_s"] = time_export(model, args, opts.export_reps)
             row["pass_over_export"] = row["pass_s"] / row["export_s"]
+            # convert() captures eval and train graphs (two exports) and runs the pass on both
+            row["pass_over_capture_exports"] = row["pass_s"] / (2 * row["export_s"])
         rows.append(row)
         print(f"{blocks} blocks: {row['nodes']} nodes, {row['sites']} sites, pass {row['pass_s']:.3f} s "
               f"(p10 {row['pass_p10_s']:.3f}, p90 {row['pass_p90_s']:.3f})"
@@ -76,13 +78,17 @@ def main() -> None:
     summary = {}
     if opts.export_at in by:
         summary["pass_over_export"] = by[opts.export_at]["pass_over_export"]
+        summary["pass_over_capture_exports"] = by[opts.export_at]["pass_over_capture_exports"]
     if 8 in by and 64 in by:
         summary["scaling_64_over_8"] = by[64]["pass_s"] / by[8]["pass_s"]
     print(f"\nmachine: {machine()}")
     print("| measure | value | target | met |\n|---|---|---|---|")
     if "pass_over_export" in summary:
         v = summary["pass_over_export"]
-        print(f"| pass / torch.export at {opts.export_at} blocks | {100 * v:.1f}% | <= 5% | {'yes' if v <= 0.05 else '**no**'} |")
+        print(f"| pass (eval + train graphs) / one torch.export, {opts.export_at} blocks | {100 * v:.1f}% | <= 5% | "
+              f"{'yes' if v <= 0.05 else '**no**'} |")
+        v = summary["pass_over_capture_exports"]
+        print(f"| pass / the two torch.export calls of convert(), {opts.export_at} blocks | {100 * v:.1f}% | - | - |")
     if "scaling_64_over_8" in summary:
         v = summary["scaling_64_over_8"]
         print(f"| pass time 64 blocks / 8 blocks | {v:.2f} | <= 10 | {'yes' if v <= 10 else '**no**'} |")
