@@ -11,7 +11,9 @@ For eager and memory the "vs captured" column divides by the captured, unrewritt
 kinds=())`): the update's own cost, without what torch.export's decomposition changes in the model.
 
 Usage: python benchmarks/overhead.py [--models llama,gpt2,bert] [--modes eager,compile,ort,memory]
-                                     [--reps 20] [--threads N] [--json benchmarks/results/overhead.json]
+                                     [--reps 20] [--threads N] [--device cpu|cuda]
+                                     [--dtype float32|float16|bfloat16] [--json benchmarks/results/overhead.json]
+On a GPU machine, `--device cuda --dtype bfloat16` gives issue 5's CUDA table (eager, torch.compile, ORT CUDA EP).
 """
 from __future__ import annotations
 
@@ -33,9 +35,14 @@ TARGETS = {"eager": 1.10, "compile": 1.03, "ort": 1.05, "memory": 1.05}
 
 
 def _no_grad(fn, *args):
+    cuda = any(a.is_cuda for a in args)
+
     def call():
         with torch.no_grad():
-            return fn(*args)
+            out = fn(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
     return call
 
 
@@ -63,7 +70,7 @@ def onnx_runtime(source, converted, args, reps, captured):
         threads = torch.get_num_threads()
         sessions = {"s": ort_session(src.path, level="all", threads=threads),
                     "c": ort_session(conv.path, level="all", threads=threads)}
-        feeds = {k: {sess.get_inputs()[0].name: args[0].numpy()} for k, sess in sessions.items()}
+        feeds = {k: {sess.get_inputs()[0].name: args[0].cpu().numpy()} for k, sess in sessions.items()}
         times = interleaved({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, reps)
         row = ratio_summary(**_pair(times))
         row["providers"] = conv.providers
@@ -72,7 +79,7 @@ def onnx_runtime(source, converted, args, reps, captured):
 
 
 def memory(source, converted, args, reps, captured):
-    s, c, k = (peak_memory_bytes(_no_grad(m, *args)) for m in (source, converted, captured))
+    s, c, k = (peak_memory_bytes(_no_grad(m, *args), args[0].device) for m in (source, converted, captured))
     return {"source_mb": s / 2**20, "converted_mb": c / 2**20, "ratio": c / s, "vs_captured": c / k}
 
 
@@ -90,6 +97,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (ORT then uses the CUDA provider first)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's choice)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     opts = ap.parse_args()
@@ -100,6 +109,8 @@ def main() -> None:
     rows = []
     for name in opts.models.split(","):
         source, args = table_model(name, width=opts.width, blocks=opts.blocks)
+        source = source.to(opts.device, getattr(torch, opts.dtype))
+        args = tuple(a.to(opts.device) for a in args)
         converted = gf.convert(source, args).eval()
         captured = gf.convert(source, args, kinds=()).eval()  # the same capture, nothing rewritten: a control
         counts = converted.geonorm_report.counts()
@@ -110,12 +121,13 @@ def main() -> None:
             rows.append(row)
             print(_line(row), flush=True)
     print()
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; device {opts.device}, {opts.dtype}")
     print(_table(rows))
     if opts.json:
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(opts.json, "w") as f:
-            json.dump({"machine": machine(), "reps": opts.reps, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine(), "device": opts.device, "dtype": opts.dtype, "reps": opts.reps,
+                       "rows": rows}, f, indent=2)
 
 
 def _line(row) -> str:

@@ -41,9 +41,16 @@ def ratio_summary(source: list[float], converted: list[float]) -> dict:
             "ratio_p10": quantile(pair, 0.1), "ratio_p90": quantile(pair, 0.9), "reps": len(pair)}
 
 
-def peak_memory_bytes(fn) -> int:
-    """Peak bytes held by tensors allocated while ``fn()`` runs (CPU allocator events of the profiler, in
-    time order, summed); memory held before the call (weights, inputs) is not counted."""
+def peak_memory_bytes(fn, device=torch.device("cpu")) -> int:
+    """Peak bytes held by tensors allocated while ``fn()`` runs (CPU: allocator events of the profiler, in
+    time order, summed; CUDA: the caching allocator's peak statistic); memory held before the call
+    (weights, inputs) is not counted."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
