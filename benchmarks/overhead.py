@@ -133,8 +133,10 @@ def main() -> None:
 def _line(row) -> str:
     if row["mode"] == "memory":
         return f"{row['model']:6s} memory  {row['source_mb']:.1f} MB -> {row['converted_mb']:.1f} MB  ratio {row['ratio']:.3f}"
+    extra = (f"  [{row['providers'][0]}, verified max |diff| {row['verified_max_abs_diff']:.1e}]"
+             if "providers" in row else "")
     return (f"{row['model']:6s} {row['mode']:7s} {row['source_ms']:.1f} ms -> {row['converted_ms']:.1f} ms  "
-            f"ratio {row['ratio']:.3f} (p10 {row['ratio_p10']:.3f}, p90 {row['ratio_p90']:.3f})")
+            f"ratio {row['ratio']:.3f} (p10 {row['ratio_p10']:.3f}, p90 {row['ratio_p90']:.3f}){extra}")
 
 
 def _table(rows) -> str:
