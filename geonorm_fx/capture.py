@@ -221,8 +221,7 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
 
 
 def _given(gm: fx.GraphModule, args, kwargs, modes, tracer: str) -> Captured:
-    if any("val" not in n.meta and "tensor_meta" not in n.meta for n in gm.graph.nodes
-           if n.op not in ("output", "get_attr")) and (args or kwargs):
+    if _needs_shapes(gm) and (args or kwargs):
         propagate_shapes(gm, args, kwargs)
     graphs = {}
     for i, mode in enumerate(modes):
@@ -232,6 +231,15 @@ def _given(gm: fx.GraphModule, args, kwargs, modes, tracer: str) -> Captured:
     dynamic = any(isinstance(d, torch.SymInt) for n in gm.graph.nodes
                   for d in getattr(n.meta.get("val"), "shape", ()) or ())
     return Captured(graphs, tracer, dynamic)
+
+
+def _needs_shapes(gm: fx.GraphModule) -> bool:
+    """True when a value the analysis reads carries no shape metadata (a ``symbolic_trace`` graph).
+    Nodes nobody reads are ignored: ``ExportedProgram.module()`` adds a ``_guards_fn`` call without
+    metadata, and re-propagating on the example inputs would replace its symbolic (dynamic) shapes
+    with the example's static ones."""
+    return any("val" not in n.meta and "tensor_meta" not in n.meta for n in gm.graph.nodes
+               if n.op not in ("output", "get_attr") and (n.users or n.op == "placeholder"))
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

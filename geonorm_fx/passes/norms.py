@@ -131,6 +131,9 @@ def _decomposed(view: GraphView, node: fx.Node) -> NormMatch | None:
     reduced = eps[0] if eps else inner
     nodes = {node, reduced} | ({inner} if eps else set())
     mean = view.mean_over(reduced)
+    if mean is None:  # a sum of squares (L2 normalization, RMSNorm up to a constant) is read the same way
+        summed = view.sum_of_squares_over(reduced)
+        mean = summed if summed is not None and view.squared_input(summed[0]) is not None else None
     if mean is not None:
         squared, dims, keepdim = mean
         base = view.squared_input(squared)
@@ -236,14 +239,14 @@ def _absorb_affine(view: GraphView, match: NormMatch) -> None:
             match.output = nxt
             continue
         other = ops[1] if ops[0] is match.output else ops[0] if ops[1] is match.output else None
-        if other is None or not _is_parameter_expr(view, other):
+        if other is None or not is_parameter_expr(view, other):
             return
         match.nodes.add(nxt)
-        match.nodes |= _parameter_expr_nodes(view, other)
+        match.nodes |= parameter_expr_nodes(view, other)
         match.output = nxt
 
 
-def _is_parameter_expr(view: GraphView, node, depth: int = 0) -> bool:
+def is_parameter_expr(view: GraphView, node, depth: int = 0) -> bool:
     """A value computed from parameters/constants only (e.g. ``w``, ``1 + w``, ``w.to(dtype)``),
     at most 1-D (a per-channel weight or a scalar)."""
     if not isinstance(node, fx.Node):
@@ -257,14 +260,14 @@ def _is_parameter_expr(view: GraphView, node, depth: int = 0) -> bool:
         return True
     if node.op in ("call_function", "call_method"):
         inputs = node.all_input_nodes
-        return bool(inputs) and all(_is_parameter_expr(view, i, depth + 1) for i in inputs)
+        return bool(inputs) and all(is_parameter_expr(view, i, depth + 1) for i in inputs)
     return False
 
 
-def _parameter_expr_nodes(view: GraphView, node) -> set:
+def parameter_expr_nodes(view: GraphView, node) -> set:
     if not isinstance(node, fx.Node) or node.op == "get_attr":
         return set()
     out = {node}
     for i in node.all_input_nodes:
-        out |= _parameter_expr_nodes(view, i)
+        out |= parameter_expr_nodes(view, i)
     return out

@@ -57,6 +57,10 @@ _SHAPE_ONLY_ATEN = {
     aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
     aten.new_empty.default, aten.new_full.default, aten._assert_tensor_metadata.default,
 }
+# Ops that read only the shape/dtype of some arguments (``bias.expand_as(x)`` reads x's shape): positions.
+_META_ARGS_ATEN = {aten.expand_as.default: (1,), aten.view_as.default: (1,), aten.reshape_as.default: (1,),
+                   aten.type_as.default: (1,)}
+_META_ARGS_METHODS = {"expand_as": (1,), "view_as": (1,), "reshape_as": (1,), "type_as": (1,)}
 _SHAPE_ONLY_FUNCS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
                      torch.rand_like, torch.randn_like, builtins.getattr, builtins.len}
 _SHAPE_ONLY_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
@@ -65,6 +69,7 @@ _SHAPE_ONLY_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_emp
 _RSQRT = ({aten.rsqrt.default}, {torch.rsqrt}, {"rsqrt"})
 _SQRT = ({aten.sqrt.default}, {torch.sqrt}, {"sqrt"})
 _MEAN = ({aten.mean.dim}, {torch.mean}, {"mean"})
+_SUM = ({aten.sum.dim_IntList}, {torch.sum}, {"sum"})
 _POW = ({aten.pow.Tensor_Scalar}, {torch.pow, operator.pow}, {"pow", "__pow__"})
 _SQUARE = ({aten.square.default}, {torch.square}, {"square"})
 _DIV = ({aten.div.Tensor}, {operator.truediv, torch.div}, {"div", "__truediv__"})
@@ -185,6 +190,12 @@ class GraphView:
         """Inputs whose values flow into ``node`` (shape-only reads and number-valued inputs excluded)."""
         if self.is_shape_only(node) or not self.carries_data(node):
             return []
+        meta = (_META_ARGS_ATEN.get(node.target) if node.op == "call_function"
+                else _META_ARGS_METHODS.get(node.target) if node.op == "call_method" else None)
+        if meta:
+            valued = [a for i, a in enumerate(node.args) if i not in meta] + list(node.kwargs.values())
+            reads = set(_nodes_in(valued))
+            return [i for i in node.all_input_nodes if i in reads and self.carries_data(i)]
         return [i for i in node.all_input_nodes if self.carries_data(i)]
 
     def data_users(self, node: fx.Node) -> list[fx.Node]:
@@ -295,17 +306,30 @@ class GraphView:
         return None
 
     def is_rsqrt(self, node) -> bool:
-        return isinstance(node, fx.Node) and self.matches(node, _RSQRT)
+        """``rsqrt(t)``, or ``t ** -0.5`` (Gemma 3n's RMSNorm spells it ``torch.pow(t, -0.5)``)."""
+        return isinstance(node, fx.Node) and (self.matches(node, _RSQRT) or self._power_of(node) == -0.5)
 
     def is_sqrt(self, node) -> bool:
-        return isinstance(node, fx.Node) and self.matches(node, _SQRT)
+        """``sqrt(t)`` or ``t ** 0.5``."""
+        return isinstance(node, fx.Node) and (self.matches(node, _SQRT) or self._power_of(node) == 0.5)
+
+    def _power_of(self, node: fx.Node) -> float | None:
+        if self.matches(node, _POW) and len(node.args) >= 2 and isinstance(node.args[0], fx.Node) \
+                and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool):
+            return float(node.args[1])
+        return None
 
     def is_div(self, node) -> bool:
         return isinstance(node, fx.Node) and self.matches(node, _DIV)
 
-    def mean_over(self, node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
+    def sum_of_squares_over(self, node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
+        """For a sum reduction return ``(input, dims, keepdim)`` (``u * rsqrt(sum(u**2))`` is an RMSNorm
+        with the constant gain ``1/sqrt(d)``: the L2 normalization of nGPT-style models)."""
+        return self.mean_over(node, _SUM)
+
+    def mean_over(self, node: fx.Node, spelling=_MEAN) -> tuple[fx.Node, list[int], bool] | None:
         """For a mean reduction return ``(input, dims, keepdim)``."""
-        if not self.matches(node, _MEAN):
+        if not self.matches(node, spelling):
             return None
         args = list(node.args)
         src = args[0]
@@ -398,6 +422,12 @@ class GraphView:
         return any(cls in names for _, _, cls in self.module_stack(node))
 
 
+def _nodes_in(args) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, out.append)
+    return out
+
+
 def _clean_path(path: str) -> str:
     """``"L['self'].model.layers[0]"`` style paths (strict export) become ``"model.layers.0"``."""
     p = str(path)
@@ -408,6 +438,11 @@ def _clean_path(path: str) -> str:
 
 
 def _same_size(a, b) -> bool:
+    # Symbolic sizes: identical expressions decide at once; `a == b` on SymInts goes through the shape
+    # environment's guard machinery, which dominated the pass's run time on deep models.
+    expr_a, expr_b = getattr(getattr(a, "node", None), "expr", a), getattr(getattr(b, "node", None), "expr", b)
+    if expr_a is expr_b or (type(expr_a) is int and type(expr_b) is int):
+        return expr_a == expr_b
     try:
         return bool(a == b)
     except Exception:  # symbolic sizes that cannot be decided

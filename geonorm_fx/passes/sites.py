@@ -12,6 +12,10 @@ or RMSNorm over the last dimension (GEONORM.md section 4):
 - ``post``:     ``x`` feeds the branch directly and the sum is read only by a norm:  ``N(x + f(x))``
 - ``deepnorm``: ``post`` with a constant-scaled stream:  ``N(a*x + f(x))``
 
+A scaled stream ``a*x`` in a ``pre``/``sandwich``/``parallel``/``respost`` sum, ``a`` a number (depth-scaled
+residuals ``a*x + c*N2(f(N1(x)))``) or a learnable gain of at most one dimension (``w * x + f(N(x))``), is
+the same site with ``a`` dropped: the update keeps ``|x|`` (a dropped gain is a removed parameter).
+
 Streams: a site whose ``x`` is not downstream of an earlier site's output starts a new residual
 stream (the decoder of an encoder-decoder). Blocks are numbered per stream in order of application:
 sites are grouped by the innermost module invocation on their module stack that is one of several
@@ -27,7 +31,7 @@ from torch import fx
 
 from ..geodesic import GeodesicUpdate
 from ..report import Skip
-from .norms import RESIDUAL_NORM_KINDS, NormMatch, find_norms
+from .norms import RESIDUAL_NORM_KINDS, NormMatch, find_norms, is_parameter_expr, parameter_expr_nodes
 from .ops import GraphView, qualified_name
 
 _GEODESIC_CLASS = qualified_name(GeodesicUpdate)
@@ -71,6 +75,7 @@ class _Context:
     by_source: dict
     by_output: dict
     blocked_nodes: set
+    constants: dict = field(default_factory=dict)
 
 
 def analyze(view: GraphView) -> Analysis:
@@ -91,7 +96,72 @@ def analyze(view: GraphView) -> Analysis:
         if site is not None:
             sites.append(site)
     blocks = _assign_streams_and_blocks(view, sites)
-    return Analysis(sites, _skips(view, norms, sites, geo_nodes), blocks)
+    residual_sums = [] if sites else _residual_sums(ctx, geo_nodes)
+    skipped = _skips(view, norms, sites, geo_nodes, residual_sums) + _affine_normalized_sums(ctx, sites, geo_nodes)
+    return Analysis(sites, skipped, blocks)
+
+
+AFFINE_REASON = ("elementwise affine in place of a norm (x * w + b, e.g. MobileBERT's NoNorm) reads the residual "
+                 "sum x + f(x): it does not normalize, so this is not a GeoNorm site")
+
+
+def _elementwise_affine(view: GraphView, node: fx.Node) -> fx.Node | None:
+    """If the only reader of ``node`` is ``node * w + b`` with ``w`` and ``b`` learnt per-channel vectors
+    (a norm's affine without the normalization), return the ``+ b`` node."""
+    def only_reader(n):
+        users = view.data_users(n)
+        return users[0] if len(users) == 1 else None
+
+    def per_channel(p, n):
+        shape = view.shape(p)
+        return (isinstance(p, fx.Node) and p.op != "placeholder" and is_parameter_expr(view, p)
+                and shape is not None and len(shape) == 1 and view.last_dim(n) is not None
+                and str(shape[0]) == str(view.last_dim(n)))
+
+    mul = only_reader(node)
+    ops = view.mul_operands(mul) if mul is not None else None
+    gain = None if ops is None else ops[1] if ops[0] is node else ops[0] if ops[1] is node else None
+    if not per_channel(gain, node):
+        return None
+    add = only_reader(mul)
+    ops = view.add_operands(add) if add is not None else None
+    bias = None if ops is None else ops[1] if ops[0] is mul else ops[0] if ops[1] is mul else None
+    return add if per_channel(bias, node) else None
+
+
+def _residual_sums(ctx: _Context, geo_nodes: set) -> list[fx.Node]:
+    """Sums in which one term reaches every other input-dependent term (residual adds of any kind)."""
+    view = ctx.view
+    out = []
+    for node in view.nodes:
+        if node in geo_nodes or node in ctx.blocked_nodes or not _is_sum(view, node) or _is_inner_add(view, node):
+            continue
+        terms = [t for t in _terms(view, node, set()) if not _is_constant(ctx, t)]
+        if len(terms) > 1 and any(all(reaches(view, view.root(x), b) for b in terms[:i] + terms[i + 1:])
+                                  for i, x in enumerate(terms)):
+            out.append(node)
+    return out
+
+
+def _affine_normalized_sums(ctx: _Context, sites: list, geo_nodes: set) -> list[Skip]:
+    """Residual sums (one term reaches every other) whose only reader is an elementwise affine
+    ``x * w + b`` with learnt per-channel ``w``, ``b``, standing where a post-norm would: listed so the
+    report says why they are left."""
+    view = ctx.view
+    used = {s.sum for s in sites}
+    out = []
+    for node in view.nodes:
+        if node in used or node in geo_nodes or node in ctx.blocked_nodes or not _is_sum(view, node) \
+                or _is_inner_add(view, node):
+            continue
+        affine = _elementwise_affine(view, node)
+        if affine is None:
+            continue
+        terms = _terms(view, node, set())
+        if any(all(reaches(view, view.root(x), b) for b in terms[:i] + terms[i + 1:])
+               for i, x in enumerate(terms)):
+            out.append(Skip(reason=AFFINE_REASON, node=affine.name, path=view.module_path(affine)))
+    return out
 
 
 def _is_sum(view: GraphView, node: fx.Node) -> bool:
@@ -124,18 +194,60 @@ def _classify(ctx: _Context, total: fx.Node) -> SiteMatch | None:
     for i, term in enumerate(terms):
         branches = terms[:i] + terms[i + 1:]
         candidates = [(term, None)]
-        scaled = view.scalar_mul_input(term)
+        scaled = _scaled_stream(view, term)
         if scaled is not None:
             candidates.append((scaled[0], term))
+        # terms computed from parameters only (a bias expanded to the stream's shape) are part of the
+        # branch sum ``s`` but need not depend on ``x``; at least one term must
+        data = [b for b in branches if not _is_constant(ctx, b)]
         for x, scale_node in candidates:
             stream = view.root(x)
-            if all(reaches(view, stream, b) for b in branches):
-                return _kind(ctx, total, x, branches, scale_node, inner)
+            if data and all(reaches(view, stream, b) for b in data):
+                extra = scaled[1] if scale_node is not None else set()
+                return _kind(ctx, total, x, branches, scale_node, inner | extra, data)
     return None
 
 
-def _kind(ctx: _Context, total, x, branches, scale_node, inner) -> SiteMatch | None:
+def _is_constant(ctx: _Context, node, depth: int = 0) -> bool:
+    """The value depends on no graph input: parameters, buffers and factories, through any ops
+    (shape-only reads do not count)."""
+    if not isinstance(node, fx.Node):
+        return True
+    cached = ctx.constants.get(node)
+    if cached is not None:
+        return cached
+    if node.op == "get_attr":
+        result = True
+    elif node.op == "placeholder" or depth > 16:
+        result = False
+    else:
+        result = all(_is_constant(ctx, i, depth + 1) for i in ctx.view.data_inputs(node))
+    ctx.constants[node] = result
+    return result
+
+
+def _scaled_stream(view: GraphView, term: fx.Node) -> tuple[fx.Node, set] | None:
+    """For ``a * t`` with ``a`` a number, or a parameter expression (a learnable residual gain, scalar or
+    per channel: ``w * t``, ``w.to(dtype) * t``) of at most one dimension, return ``(t, nodes of the gain
+    expression)``; the gain goes away with the sum it scales."""
+    scaled = view.scalar_mul_input(term)
+    if scaled is not None:
+        return scaled[0], set()
+    ops = view.mul_operands(term)
+    if ops is None:
+        return None
+    for t, gain in (ops, ops[::-1]):
+        if isinstance(t, fx.Node) and isinstance(gain, fx.Node) and gain.op != "placeholder" \
+                and is_parameter_expr(view, gain) and view.same_shape(term, t):
+            return t, parameter_expr_nodes(view, gain)
+    return None
+
+
+def _kind(ctx: _Context, total, x, branches, scale_node, inner, data=None) -> SiteMatch | None:
+    """Classify ``total = x + sum(branches)``; ``data`` are the branches that depend on the inputs (the
+    others are parameter-only terms such as a bias, carried along in ``s``)."""
     view = ctx.view
+    all_branches, branches = branches, (data if data is not None else branches)
     stream = view.root(x)
     own = ctx.by_source.get(stream, [])
     blocked = set().union(*(n.nodes for n in own)) if own else set()
@@ -146,9 +258,12 @@ def _kind(ctx: _Context, total, x, branches, scale_node, inner) -> SiteMatch | N
     dead = inner | {total} | ({scale_node} if scale_node is not None else set())
 
     def site(kind, named, norms, output, removed=None):
-        return SiteMatch(kind, x, branches, total, named, norms, output, dead | (removed.nodes if removed else set()))
+        return SiteMatch(kind, x, all_branches, total, named, norms, output,
+                         dead | (removed.nodes if removed else set()))
 
-    if scale_node is None and through_norms and branch_norms:
+    # A scaled stream ``a*x + s`` (depth-scaled residuals, learnable residual gains): the update keeps
+    # ``|x|``, so ``a`` is dropped as for DeepNorm; factors on the branches stay part of ``s``.
+    if through_norms and branch_norms:
         if len(branches) > 1 or _parallel_sum(view, stream, branches[0]):
             return site("parallel", branch_norms[0], branch_norms, total)
         if out_norm is not None and out_norm.source is not stream:
@@ -156,11 +271,11 @@ def _kind(ctx: _Context, total, x, branches, scale_node, inner) -> SiteMatch | N
         return site("pre", branch_norms[0], branch_norms, total)
     if through_norms or len(branches) > 1:
         return None
-    if scale_node is not None:
-        return site("deepnorm", exclusive, [exclusive], exclusive.output, exclusive) if exclusive else None
+    if scale_node is not None and exclusive is not None:
+        return site("deepnorm", exclusive, [exclusive], exclusive.output, exclusive)
     if out_norm is not None and out_norm.source is not stream:
         return site("respost", out_norm, [out_norm], total)
-    if exclusive is not None:
+    if exclusive is not None and scale_node is None:
         return site("post", exclusive, [exclusive], exclusive.output, exclusive)
     return None
 
@@ -261,7 +376,8 @@ def _assign_blocks(view: GraphView, sites: list[SiteMatch]) -> int:
     return block + 1
 
 
-def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_nodes: set) -> list[Skip]:
+def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_nodes: set,
+           residual_sums: list = ()) -> list[Skip]:
     used = {id(n) for s in sites for n in s.norms}
     stream_values = {view.root(s.x) for s in sites} | {view.root(s.output) for s in sites}
     first_of_stream: dict[int, SiteMatch] = {}
@@ -289,6 +405,10 @@ def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_
             reason = "reads the residual stream but takes no part in a residual update (e.g. a side head)"
         elif any(view.root(norm.output) is first or reaches(view, norm.output, first) for first in first_inputs):
             reason = "embedding norm: normalizes the input of the first block, not a residual update"
+        elif not sites and any(reaches(view, norm.output, r) for r in residual_sums):
+            reason = ("feeds a residual add x + f(...) without normalizing its stream x: the branch input is "
+                      "derived from x first (e.g. hyper-connections or attention over earlier layers mix "
+                      "several streams before the norm), so it is not a GeoNorm site")
         elif not sites:
             reason = "no residual add x + f(x) reads or feeds it"
         else:

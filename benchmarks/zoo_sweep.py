@@ -1,0 +1,778 @@
+"""Sweep the transformers model zoo: does the pass convert every architecture it can capture?
+
+Architectures come from transformers' auto mappings: causal LMs (``MODEL_FOR_CAUSAL_LM``), masked LMs /
+encoders (``MODEL_FOR_MASKED_LM``, the types not already covered) and the base vision models
+(``MODEL_FOR_IMAGE``, the types not already covered). Each one is built from a tiny config with random
+weights (no download): the model type's default config with its size attributes shrunk (``SIZES``),
+per-family fixes only where a default cannot be shrunk generically (``FAMILY_FIXES``, data). Then, in a
+worker process with a timeout: the source model is run once (eager), ``gf.inspect`` and ``gf.convert``
+are called, and the converted module is run in eval mode at a new batch size and sequence length, with
+forward hooks on every ``GeodesicUpdate`` measuring the norm-preservation invariant
+``max | |out| - |x| | / |x|`` (must be <= 1e-5).
+
+Usage: python benchmarks/zoo_sweep.py [--only NAME[,NAME]] [--limit N] [--timeout S] [--jobs J]
+                                      [--json PATH] [--md PATH] [--task causal-lm|masked-lm|vision]
+``NAME`` is a model type (``llama``) or a class name (``LlamaForCausalLM``).
+
+Outcomes (``status``): ``ok`` (sites found, finite outputs at the new shape, invariant holds),
+``zero-site`` (no site; ``skip_reasons`` says why, from the report), and the failures ``build``
+(the sweep could not build the tiny model or the source model fails on the example inputs: not
+counted), ``capture`` (torch.export cannot capture it: upstream, not counted), ``static`` (captured
+only with static shapes), ``convert``, ``run``, ``not-finite``, ``invariant``, ``mismatch``
+(inspect and convert disagree), ``no-reason`` (zero sites and no reason), ``timeout``, ``crash``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+
+SEED = 0
+BATCH, SEQ = 2, 10          # example shape for the capture
+NEW_BATCH, NEW_SEQ = 3, 13  # the converted module is run at this shape
+IMAGE = 32
+TOL = 1e-5
+VOCAB = 1024
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo_sweep.json")
+
+# Generic shrinking: every attribute of the default config named here is set to this value (when the
+# default config has the attribute). Lists of per-stage depths are set to ones of the same length.
+SIZES = {
+    # width / depth / heads
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "model_dim": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2, "num_encoder_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2,
+    "multi_query_group_num": 2, "kv_n_heads": 2, "head_dim": 16, "d_kv": 16, "attention_head_dim": 16, "kv_channels": 16,
+    "intermediate_size": 128, "n_inner": 128, "d_ff": 128, "ffn_dim": 128, "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128, "ffn_hidden_size": 128, "hidden_dim": 128, "mlp_dim": 128,
+    "embedding_size": 64, "projection_dim": 64,
+    # mixtures of experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64,
+    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    # multi-head latent attention
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "rotary_dim": 8,
+    # state-space / recurrent
+    "state_size": 8, "ssm_state_size": 8, "mamba_d_state": 8, "time_step_rank": 8, "mamba_n_heads": 4,
+    "mamba_d_head": 32, "mamba_head_dim": 32, "mamba_expand": 2, "expand": 2, "n_groups": 1,
+    "mamba_n_groups": 1, "chunk_size": 16, "mamba_chunk_size": 16, "attention_hidden_size": 64,
+    # positions, vocabulary, windows
+    "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128,
+    "max_seq_len": 128, "seq_length": 128, "sliding_window": 16, "max_window_layers": 2,
+    # vision
+    "image_size": IMAGE, "patch_size": 8, "num_channels": 3, "num_frames": 2, "tubelet_size": 1,
+}
+# Consistency rules: when the default config has the first key, these sizes replace the generic ones.
+DERIVED = [
+    # multi-head latent attention: K/V have as many heads as Q, and head_dim is the rotary part
+    ("kv_lora_rank", {"num_key_value_heads": 4, "head_dim": 8}),
+]
+# Per-stage lists (hierarchical vision models): lengths kept, depths set to 1.
+STAGE_DEPTH_KEYS = ("depths", "depth", "num_layers_per_stage")
+# Run-time settings for every config that has them.
+SETTINGS = {"use_cache": False, "output_hidden_states": False, "output_attentions": False,
+            "use_pretrained_backbone": False, "tie_word_embeddings": False, "return_dict": True}
+
+# Per-family fixes, applied after the generic shrink: config overrides (``config``; ``None`` keeps the
+# class default for that key), ``inputs`` kwargs style, ``attn`` implementation, ``seq`` / ``new_seq``
+# lengths. Only where the generic shrink cannot work (documented with each entry).
+FAMILY_FIXES: dict[str, dict] = {
+    # a projection from a fixed-size adapter input, validated against hidden_size
+    "dots3_note": {"config": {"adapter_in_dim": 64}},
+    "dots3_note_text": {"config": {"adapter_in_dim": 64}},
+    # the Mamba mixer's width is its own attribute, validated against heads * head size
+    "falcon_h1": {"config": {"mamba_d_ssm": 128, "mamba_n_heads": 4, "mamba_d_head": 32}},
+    # the default shares the KV cache of layers the tiny stack does not have
+    "gemma3n_text": {"config": {"num_kv_shared_layers": 0}},
+    "gemma3n": {"config": {"text_config": {"num_kv_shared_layers": 0}}},
+    # the assistant must not have per-layer inputs (validated)
+    "gemma4_assistant": {"config": {"text_config": {"hidden_size_per_layer_input": 0}}},
+    # decoder ids come per codebook: (batch * num_codebooks, seq)
+    "musicgen": {"ids_shape": "codebooks"},
+    "musicgen_melody": {"ids_shape": "codebooks"},
+    # SSD heads must tile expand * hidden_size = 128 exactly
+    "mamba2": {"config": {"num_heads": 4, "head_dim": 32}},
+    # the default leaves layer_types unset (None), which the model indexes
+    "lfm2_moe": {"config": {"layer_types": ["conv", "full_attention"]}},
+    # the LM head needs a decoder config; ESM needs pad/mask ids (the defaults are None)
+    "reformer": {"config": {"is_decoder": True}},
+    "esm": {"config": {"pad_token_id": 1, "mask_token_id": 2}},
+    # the default config has no RoPE parameters at all
+    "cohere_compass_text": {"config": {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}},
+}
+
+# Causes of failures the sweep cannot fix, found by triage (data, printed with the results).
+_MAMBA_SCAN = ("upstream", "the reference Mamba scan (no CUDA kernels) loops over the sequence in Python: "
+                           "torch.export specialises the sequence length")
+KNOWN: dict[str, tuple[str, str]] = {
+    "cpmant": ("upstream", "torch.export specialises the sequence length: the model builds a Python list from "
+                           "range(seq_len) for its positions"),
+    "mamba": _MAMBA_SCAN, "falcon_mamba": _MAMBA_SCAN, "jamba": _MAMBA_SCAN,
+    "deepseek_v4": ("upstream", "torch.export bounds the sequence length (<= 11) in the compressed attention; "
+                                "no site either way: manifold-constrained hyper-connections mix the streams, "
+                                "there is no x + f(x) add"),
+    "dbrx": ("upstream", "DbrxAttention reads attn_config.rope_theta, which the config class no longer has: "
+                         "the model cannot be built from its own config"),
+    "squeezebert": ("ours", "channels-first stream: the post-norm LayerNorm normalizes x + f(x) over channels "
+                            "through permutes (B, C, L layout); the pass only rewrites norms over the stream's "
+                            "last dimension, and its skip reason does not say so"),
+    "longcat_flash": ("upstream", "torch.export cannot capture the MoE's data-dependent expert loop (nonzero)"),
+    "longformer": ("upstream", "torch.export cannot capture the sliding-chunk attention (data-dependent guard)"),
+    "recurrent_gemma": ("upstream", "torch.export specialises the sequence length (the recurrent scan)"),
+    "rwkv": ("upstream", "the reference WKV recurrence loops over the sequence in Python: torch.export "
+                         "specialises the sequence length"),
+    "xlstm": ("upstream", "the reference mLSTM recurrence loops over the sequence: torch.export specialises "
+                          "the sequence length"),
+    "funnel": ("upstream", "torch.export specialises the sequence length (the pooling's attention structure)"),
+    "blt": ("sweep", "the byte-latent model's encoder, global and decoder widths are tied: the generic shrink "
+                     "breaks them"),
+    "gemma3n": ("sweep", "its vision tower needs timm, which is not installed (the text model gemma3n_text runs)"),
+    "gemma4_assistant": ("sweep", "a draft model that runs on the main model's embeddings and KV states, not on ids"),
+    "gemma4_unified_assistant": ("sweep", "a draft model that runs on the main model's embeddings and KV states, "
+                                          "not on ids"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ enumerate
+def architectures(task: str | None = None) -> list[dict]:
+    """``[{"name": model_type, "task": ..., "cls": class name}]`` from the auto mappings, one per model
+    type (causal LM first, then masked LM, then base vision model)."""
+    from transformers.models.auto import modeling_auto as m
+
+    out, seen = [], set()
+    groups = [("causal-lm", m.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+              ("masked-lm", m.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+              ("vision", m.MODEL_FOR_IMAGE_MAPPING_NAMES)]
+    for name, mapping in groups:
+        for model_type, cls in mapping.items():
+            if model_type in seen:
+                continue
+            seen.add(model_type)
+            if isinstance(cls, (list, tuple)):
+                cls = cls[0]
+            if task is None or task == name:
+                out.append({"name": model_type, "task": name, "cls": cls})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _token_attrs(cfg) -> list[str]:
+    return [k for k, v in vars(cfg).items()
+            if (k.endswith("_token_id") or k.endswith("_token_index") or k.endswith("_token_ids"))
+            and (isinstance(v, int) and not isinstance(v, bool) or isinstance(v, (list, tuple)))]
+
+
+def shrink_kwargs(cfg, overrides: dict | None = None) -> dict:
+    """Constructor kwargs that shrink the default config ``cfg`` (recursing into sub-configs)."""
+    from transformers import PretrainedConfig
+
+    spec = vars(cfg).get("_heterogeneity_spec")
+    per_layer = set(getattr(spec, "per_layer_attributes", ()) or ())  # vary by layer: class default kept
+    attrs = (set(vars(cfg)) | set(getattr(cfg, "attribute_map", {}) or {})) - per_layer
+    kw = {}
+    for key, value in SIZES.items():
+        if key in attrs:
+            current = _get(cfg, key)
+            if isinstance(current, bool) or (current is not None and not isinstance(current, (int, float, list, tuple))):
+                continue
+            if isinstance(current, (list, tuple)):
+                if key in ("image_size", "patch_size"):
+                    kw[key] = value
+                continue
+            if key == "time_step_rank" and not isinstance(current, int):
+                continue
+            kw[key] = value
+    for trigger, sizes in DERIVED:
+        if trigger in attrs:
+            kw.update({k: v for k, v in sizes.items() if k in attrs})
+    for key in STAGE_DEPTH_KEYS:
+        current = _get(cfg, key)
+        if isinstance(current, (list, tuple)) and all(isinstance(d, int) for d in current):
+            kw[key] = [1] * len(current)
+    for key, value in SETTINGS.items():
+        if key in attrs:
+            kw[key] = value
+    if "vocab_size" in kw:  # special token ids must stay inside the shrunk vocabulary
+        nxt = VOCAB - 1
+        for key in _token_attrs(cfg):
+            v = _get(cfg, key)
+            if isinstance(v, int) and v >= VOCAB:
+                kw[key], nxt = nxt, nxt - 1
+            elif isinstance(v, (list, tuple)) and any(isinstance(i, int) and i >= VOCAB for i in v):
+                new = []
+                for i in v:
+                    if isinstance(i, int) and i >= VOCAB:
+                        i, nxt = nxt, nxt - 1
+                    new.append(i)
+                kw[key] = type(v)(new)
+    for key, sub in vars(cfg).items():
+        if isinstance(sub, PretrainedConfig):
+            kw[key] = type(sub)(**shrink_kwargs(sub, (overrides or {}).get(key)))
+    # layer-pattern lists that follow the number of layers: keep their first entries
+    n = kw.get("num_hidden_layers")
+    if n is not None:
+        for key, v in vars(cfg).items():
+            if isinstance(v, (list, tuple)) and len(v) == getattr(cfg, "num_hidden_layers", -1) and len(v) > n \
+                    and key not in kw and all(isinstance(i, (str, int, bool)) for i in v):
+                kw[key] = list(v[:n]) if len(set(v)) == 1 else _pattern(list(v), n)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(getattr(cfg, key, None), PretrainedConfig):
+            continue
+        if value is None:
+            kw.pop(key, None)
+        else:
+            kw[key] = value
+    return kw
+
+
+def _get(cfg, key):
+    try:
+        return vars(cfg)[key] if key in vars(cfg) else getattr(cfg, key, None)
+    except Exception:  # noqa: BLE001 - e.g. a per-layer attribute read globally
+        return None
+
+
+def _pattern(v: list, n: int) -> list:
+    """The first ``n`` entries of a per-layer list, making sure every distinct kind appears once when
+    ``n`` allows (a hybrid model's attention and mixer layers both get exercised)."""
+    kinds = list(dict.fromkeys(v))
+    if len(kinds) <= n:
+        return (kinds + v[:n])[:n] if len(kinds) < n else kinds
+    return v[:n]
+
+
+def build(entry: dict):
+    """Build the tiny model and its example and new-shape inputs for one architecture."""
+    import torch
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    fix = FAMILY_FIXES.get(entry["name"], {})
+    model_cls = getattr(transformers, entry["cls"])
+    # the model class's own config class (a text-only class of a multimodal type takes its text config)
+    config_cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[entry["name"]]
+    kw = shrink_kwargs(config_cls(), fix.get("config"))
+    cfg = config_cls(**kw)
+    torch.manual_seed(SEED)
+    attn = fix.get("attn", "eager")
+    try:
+        model = model_cls._from_config(cfg, attn_implementation=attn)
+    except (ValueError, TypeError):
+        model = model_cls._from_config(cfg)
+    model.eval()
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if entry["task"] == "vision" or main_input.startswith("pixel_values"):
+        make = _pixels(cfg, fix)
+        seq = new_seq = None
+    else:
+        make = _ids(cfg, fix)
+        seq, new_seq = fix.get("seq", SEQ), fix.get("new_seq", NEW_SEQ)
+    return model, cfg, make(BATCH, seq), make(NEW_BATCH, new_seq)
+
+
+def _all_token_ids(cfg) -> set:
+    from transformers import PretrainedConfig
+
+    ids = set()
+    for key in _token_attrs(cfg):
+        v = _get(cfg, key)
+        ids |= {v} if isinstance(v, int) else {i for i in v if isinstance(i, int)}
+    for sub in vars(cfg).values():
+        if isinstance(sub, PretrainedConfig):
+            ids |= _all_token_ids(sub)
+    return ids
+
+
+def _vocab(cfg) -> int:
+    from transformers import PretrainedConfig
+
+    v = getattr(cfg, "vocab_size", None)
+    if isinstance(v, int):
+        return v
+    for sub in vars(cfg).values():
+        if isinstance(sub, PretrainedConfig) and isinstance(getattr(sub, "vocab_size", None), int):
+            return sub.vocab_size
+    return VOCAB
+
+
+def _ids(cfg, fix):
+    import torch
+
+    special = _all_token_ids(cfg)
+    pool = torch.tensor([i for i in range(4, min(_vocab(cfg), 200)) if i not in special])
+    extra = fix.get("inputs", {})
+
+    def make(batch, seq):
+        g = torch.Generator().manual_seed(SEED + batch * 100 + seq)
+        ids = pool[torch.randint(0, len(pool), (batch, seq), generator=g)]
+        shape = fix.get("ids_shape")
+        if shape == "codebooks":  # (batch * num_codebooks, seq)
+            ids = ids.repeat(getattr(cfg, "num_codebooks", 1), 1)
+        kwargs = {}
+        for name, kind in extra.items():
+            if kind == "ids":
+                kwargs[name] = ids.clone()
+            elif kind == "mask":
+                kwargs[name] = torch.ones_like(ids)
+        return (ids,), kwargs
+    return make
+
+
+def _pixels(cfg, fix):
+    import torch
+
+    size = getattr(cfg, "image_size", IMAGE)
+    size = size if isinstance(size, int) else size[0]
+    size = fix.get("image", size)
+    channels = getattr(cfg, "num_channels", 3)
+    frames = getattr(cfg, "num_frames", None)
+
+    def make(batch, _seq):
+        g = torch.Generator().manual_seed(SEED + batch)
+        shape = (batch, frames, channels, size, size) if frames else (batch, channels, size, size)
+        return (torch.randn(*shape, generator=g),), {}
+    return make
+
+
+# ------------------------------------------------------------------------------------------------ measure
+def _leaves(out):
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _finite(out) -> bool:
+    return all(bool(t.isfinite().all()) for t in _leaves(out) if t.is_floating_point())
+
+
+def _short(e: BaseException) -> str:
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def run_one(entry: dict) -> dict:
+    """Everything for one architecture, in the current process; never raises."""
+    import torch
+    import geonorm_fx as gf
+    from geonorm_fx.errors import CaptureError
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    rec = {**entry, "status": None, "stage": None, "captured": False, "dynamic": None, "counts": {},
+           "n_sites": 0, "skipped": {}, "finite": None, "source_finite": None, "max_gap": None,
+           "n_updates_called": 0, "error": None, "params": None, "seconds": {}}
+    t0 = time.perf_counter()
+
+    def done(status, stage=None, error=None):
+        rec["status"], rec["stage"], rec["error"] = status, stage, error
+        rec["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        return rec
+
+    try:
+        model, cfg, (args, kwargs), (new_args, new_kwargs) = build(entry)
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            rec["source_finite"] = _finite(model(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001
+        return done("build", "build", _short(e))
+    rec["seconds"]["build"] = round(time.perf_counter() - t0, 2)
+    source = model
+    if not FULL_CAPTURE:  # one torch.export, shared by inspect and convert (see --full-capture)
+        try:
+            t = time.perf_counter()
+            source = export(model, args, kwargs)
+            rec["seconds"]["export"] = round(time.perf_counter() - t, 2)
+            rec["specialised"] = specialised_dims(source)
+        except Exception as e:  # noqa: BLE001
+            return done("capture", "export", _short(e))
+    try:
+        t = time.perf_counter()
+        report = gf.inspect(source, args, kwargs)
+        rec["seconds"]["inspect"] = round(time.perf_counter() - t, 2)
+    except CaptureError as e:
+        return done("capture", "inspect", _short(e))
+    except Exception as e:  # noqa: BLE001
+        return done("convert", "inspect", _short(e) + " | " + _where(e))
+    rec["captured"] = True
+    rec["dynamic"] = report.dynamic
+    try:
+        t = time.perf_counter()
+        module = gf.convert(source, args, kwargs)
+        rec["seconds"]["convert"] = round(time.perf_counter() - t, 2)
+    except CaptureError as e:
+        return done("capture", "convert", _short(e))
+    except Exception as e:  # noqa: BLE001
+        return done("convert", "convert", _short(e) + " | " + _where(e))
+    rep = module.geonorm_report
+    rec["counts"] = rep.counts()
+    rec["n_sites"] = len(rep.sites)
+    rec["skipped"] = dict(Counter(s.reason.split(":")[0] for s in rep.skipped))
+    rec["blocks"] = list(rep.blocks_per_stream)
+    if rep.counts() != report.counts():
+        return done("mismatch", "convert", f"inspect found {report.counts()}, convert {rep.counts()}")
+    static = not rep.dynamic or bool(rec.get("specialised"))
+    if static:
+        new_args, new_kwargs = args, kwargs  # a static capture only accepts the example shape
+    gaps = []
+
+    def hook(mod, inputs, out):
+        x = inputs[0].float()
+        radius = x.norm(dim=-1)
+        ok = radius >= 1e-6
+        gap = (out.float().norm(dim=-1) - radius).abs()[ok] / radius[ok]
+        gaps.append(float(gap.max()) if gap.numel() else 0.0)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, gf.GeodesicUpdate)]
+    try:
+        t = time.perf_counter()
+        module.eval()
+        with torch.no_grad():
+            out = module(*new_args, **new_kwargs)
+        rec["seconds"]["run"] = round(time.perf_counter() - t, 2)
+    except Exception as e:  # noqa: BLE001
+        if "Guard failed" in str(e):  # the capture's own shape guards reject the new shape
+            return done("static", "run", "torch.export guarded the input shape: " + _short(e))
+        return done("run", "run", _short(e) + " | " + _where(e))
+    finally:
+        for h in handles:
+            h.remove()
+    rec["finite"] = _finite(out)
+    rec["n_updates_called"] = len(gaps)
+    rec["max_gap"] = max(gaps) if gaps else None
+    if static:
+        dims = ", ".join(rec.get("specialised") or []) or "the batch/sequence dims"
+        return done("static", "capture", f"torch.export specialised {dims}: the capture accepts only the "
+                                         "example size there")
+    if not rec["finite"]:
+        return done("not-finite", "run", "non-finite output at the new shape"
+                    + ("" if rec["source_finite"] else " (the source model's output is non-finite too)"))
+    if gaps and not all(math.isfinite(g) and g <= TOL for g in gaps):
+        return done("invariant", "run", f"max relative norm change {max(gaps):.2e} > {TOL}")
+    if rec["n_sites"] == 0:
+        if rep.skipped:
+            return done("zero-site")
+        return done("no-reason", "report", "no site found and the report gives no reason")
+    if len(gaps) < rec["n_sites"]:
+        return done("run", "run", f"only {len(gaps)} of {rec['n_sites']} updates ran")
+    return done("ok")
+
+
+FULL_CAPTURE = False
+
+
+def export(model, args: tuple, kwargs: dict):
+    """``torch.export`` (non-strict) with the first two dims of every tensor input ``Dim.AUTO`` (as
+    ``gf.convert`` captures an ``nn.Module``); with static shapes when that fails."""
+    import torch
+    from torch.export import Dim, ShapesCollection
+    from torch.utils import _pytree as pytree
+
+    shapes = ShapesCollection()
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            shapes[leaf] = {d: Dim.AUTO for d in range(min(leaf.dim(), 2))}
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=shapes.dynamic_shapes(model, args, kwargs),
+                                   strict=False)
+    except Exception:  # noqa: BLE001 - retried with static shapes; the report then says dynamic=False
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def specialised_dims(ep) -> list[str]:
+    """The batch/sequence dims of the user inputs that the export made static (``name[dim]=size``)."""
+    import torch
+
+    user = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                out += [f"{node.name}[{d}]={val.shape[d]}" for d in range(min(val.dim(), 2))
+                        if not isinstance(val.shape[d], torch.SymInt) and val.shape[d] == (BATCH, SEQ)[d]]
+    return out
+
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in tb if "geonorm_fx" in f.filename]
+    f = (ours or tb)[-1] if tb else None
+    return f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" if f else ""
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _child(entry, conn):
+    try:
+        conn.send(run_one(entry))
+    except BaseException as e:  # noqa: BLE001
+        conn.send({**entry, "status": "crash", "stage": "worker", "error": _short(e)})
+    finally:
+        conn.close()
+
+
+def warm_up() -> None:
+    """Import what every worker needs and run one tiny export and conversion in the parent, so each
+    forked worker starts warm (single-threaded: no thread pool exists when the workers fork)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import transformers
+    import geonorm_fx as gf
+    from transformers import modeling_utils, masking_utils  # noqa: F401 - shared by every model
+    from transformers.models.llama import modeling_llama  # noqa: F401 - the common building blocks
+    from transformers.models.bert import modeling_bert  # noqa: F401
+    from transformers.models.vit import modeling_vit  # noqa: F401
+    transformers.logging.set_verbosity_error()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    x = torch.randn(BATCH, SEQ, 8)
+    ep = export(model, (x,), {})
+    gf.convert(ep, (x,))
+
+
+_RUNNING: list = []
+
+
+def _terminate(signum, frame):
+    for proc in list(_RUNNING):
+        if proc.is_alive():
+            proc.kill()
+    os._exit(128 + signum)
+
+
+def sweep(entries: list[dict], jobs: int, timeout: float, on_result) -> list[dict]:
+    """Each architecture in a fresh forked worker process, ``jobs`` at a time, ``timeout`` seconds each."""
+    ctx = mp.get_context("fork")
+    pending = list(entries)
+    running: list[tuple] = []
+    results = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            entry = pending.pop(0)
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(entry, child), daemon=True)
+            proc.start()
+            _RUNNING.append(proc)
+            child.close()
+            running.append((entry, proc, parent, time.perf_counter()))
+        time.sleep(0.05)
+        still = []
+        for entry, proc, conn, start in running:
+            rec = None
+            if conn.poll():
+                try:
+                    rec = conn.recv()
+                except EOFError:
+                    rec = {**entry, "status": "crash", "stage": "worker",
+                           "error": f"worker died (exit code {proc.exitcode})"}
+                proc.join(5)
+                if proc.is_alive():
+                    proc.kill()
+            elif not proc.is_alive():
+                proc.join()
+                rec = {**entry, "status": "crash", "stage": "worker",
+                       "error": f"worker died (exit code {proc.exitcode})"}
+            elif time.perf_counter() - start > timeout:
+                proc.kill()
+                proc.join()
+                rec = {**entry, "status": "timeout", "stage": "worker", "error": f"no result after {timeout:.0f} s",
+                       "seconds": {"total": round(time.perf_counter() - start, 1)}}
+            if rec is not None and proc in _RUNNING:
+                _RUNNING.remove(proc)
+            if rec is None:
+                still.append((entry, proc, conn, start))
+            else:
+                conn.close()
+                results.append(rec)
+                on_result(rec)
+        running = still
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+FAIL_OURS = ("convert", "run", "not-finite", "invariant", "mismatch", "no-reason")
+
+
+def owner(rec: dict) -> str:
+    if rec["name"] in KNOWN:
+        return KNOWN[rec["name"]][0]
+    return {"ok": "-", "zero-site": "-", "build": "sweep", "capture": "upstream", "static": "upstream",
+            "timeout": "?", "crash": "?"}.get(rec["status"], "ours")
+
+
+def summary(results: list[dict]) -> dict:
+    by = Counter(r["status"] for r in results)
+    captured = [r for r in results if r.get("captured")]
+    dynamic = [r for r in captured if r["status"] != "static"]
+    good = [r for r in captured if r["status"] in ("ok", "zero-site") and owner(r) != "ours"]
+    return {"architectures": len(results), "built": len(results) - by["build"] - by["timeout"] - by["crash"],
+            "captured": len(captured), "captured_dynamic": len(dynamic), "ok": by["ok"],
+            "zero_site_with_reason": sum(1 for r in good if r["status"] == "zero-site"),
+            # of the architectures torch.export captures with dynamic batch/sequence dims
+            "coverage": round(len(good) / len(dynamic), 4) if dynamic else None,
+            # the same, counting the captures that torch.export specialised to the example shape as failures
+            "coverage_strict": round(len(good) / len(captured), 4) if captured else None,
+            "by_status": dict(by),
+            "failures_ours": sum(1 for r in captured if r not in good and owner(r) == "ours"),
+            "timeouts": by["timeout"],
+            "failures_upstream": sum(1 for r in results if r["status"] not in ("ok", "zero-site", "build")
+                                     and owner(r) == "upstream"),
+            "not_built": by["build"]}
+
+
+def row(r: dict) -> str:
+    sites = ", ".join(f"{k}={v}" for k, v in sorted((r.get("counts") or {}).items())) or "-"
+    skipped = ", ".join(f"{n}x {k}" if n > 1 else k for k, n in (r.get("skipped") or {}).items()) or "-"
+    gap = f"{r['max_gap']:.1e}" if r.get("max_gap") is not None else "-"
+    secs = (r.get("seconds") or {}).get("total")
+    err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:160]
+    if r["name"] in KNOWN:
+        err = f"{KNOWN[r['name']][1]} ({err[:80]})" if err else KNOWN[r["name"]][1]
+    fin = {True: "yes", False: "no", None: "-"}[r.get("finite")]
+    return (f"| {r['name']} | {r['cls']} | {r['status']} | {sites} | {skipped} | {fin} | {gap} | "
+            f"{secs if secs is not None else '-'} | {owner(r)} | {err or '-'} |")
+
+
+HEADER = ("| model type | class | status | sites | skipped norms | finite | max \\|\\|out\\|-\\|x\\||/\\|x\\| | "
+          "time (s) | owner | error / reason |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+
+
+def write_outputs(results: list[dict], env: dict, json_path: str, md_path: str | None = None) -> dict:
+    """Write the JSON (environment, summary, one record per architecture) and the markdown table."""
+    for r in results:
+        r["owner"] = owner(r)
+        if r["name"] in KNOWN:
+            r["cause"] = KNOWN[r["name"]][1]
+    summ = summary(results)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump({"environment": env, "summary": summ, "results": results}, f, indent=1)
+    with open(md_path or os.path.splitext(json_path)[0] + ".md", "w") as f:
+        f.write(f"# transformers zoo sweep\n\n`{env['command']}` on {env['date']}: torch {env['torch']}, "
+                f"transformers {env['transformers']}, Python {env['python']}.\n\n")
+        if summ["coverage"] is not None:
+            f.write(f"{summ['architectures']} architectures enumerated, {summ['built']} built and run, "
+                    f"{summ['captured']} captured by torch.export, {summ['captured_dynamic']} of them with dynamic "
+                    f"batch/sequence dims. Of those, {summ['ok']} convert with sites, finite outputs at a new "
+                    f"shape and the invariant <= {TOL}, and {summ['zero_site_with_reason']} have no residual "
+                    f"norm and the report says why: coverage {summ['coverage']:.1%} "
+                    f"({summ['coverage_strict']:.1%} counting the shape-specialised captures as failures).\n\n")
+        f.write(HEADER + "\n")
+        for r in results:
+            f.write(row(r) + "\n")
+    return summ
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated model types or class names")
+    ap.add_argument("--limit", type=int, help="only the first N architectures")
+    ap.add_argument("--task", choices=("causal-lm", "masked-lm", "vision"))
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per architecture (default 240)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes at a time (default 1)")
+    ap.add_argument("--json", default=DEFAULT_JSON, help=f"write the results here (default {DEFAULT_JSON})")
+    ap.add_argument("--md", help="also write the markdown table here (default: next to --json)")
+    ap.add_argument("--full-capture", action="store_true",
+                    help="call gf.inspect/gf.convert on the nn.Module (three captures: inspect, eval, train) "
+                         "instead of on one shared torch.export capture")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the architectures already recorded in the --json file's .partial.jsonl log "
+                         "(every result is appended there as it completes) and report them with the new ones")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="run nothing: rewrite the --json file's summary and markdown table from its records")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the architectures run in an existing --json file instead of replacing it")
+    opts = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if opts.rewrite:
+        with open(opts.json) as f:
+            data = json.load(f)
+        print(json.dumps(write_outputs(data["results"], data["environment"], opts.json, opts.md)))
+        return 0
+    global FULL_CAPTURE
+    FULL_CAPTURE = opts.full_capture
+    signal.signal(signal.SIGTERM, _terminate)
+    warm_up()
+
+    entries = architectures(opts.task)
+    if opts.only:
+        wanted = {w.strip() for w in opts.only.split(",") if w.strip()}
+        entries = [e for e in entries if e["name"] in wanted or e["cls"] in wanted]
+        missing = wanted - {e["name"] for e in entries} - {e["cls"] for e in entries}
+        if missing:
+            print(f"not in the auto mappings: {', '.join(sorted(missing))}", file=sys.stderr)
+    if opts.limit:
+        entries = entries[:opts.limit]
+    partial = os.path.splitext(opts.json)[0] + ".partial.jsonl"
+    done_before = []
+    if opts.resume and os.path.exists(partial):
+        with open(partial) as f:
+            done_before = [json.loads(line) for line in f if line.strip()]
+        names = {r["name"] for r in done_before}
+        done_before = [r for r in done_before if r["name"] in {e["name"] for e in entries}]
+        entries_left = [e for e in entries if e["name"] not in names]
+    else:
+        entries_left = entries
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        open(partial, "w").close()
+    print(f"{len(entries_left)} architectures to run ({len(done_before)} already recorded), jobs={opts.jobs}, "
+          f"timeout={opts.timeout:.0f}s", flush=True)
+    print(HEADER, flush=True)
+    start = time.perf_counter()
+
+    def record(r):
+        print(row(r), flush=True)
+        with open(partial, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    results = done_before + sweep(entries_left, max(1, opts.jobs), opts.timeout, record)
+    order = {e["name"]: i for i, e in enumerate(entries)}
+    results.sort(key=lambda r: order[r["name"]])
+    if opts.merge and os.path.exists(opts.json):
+        with open(opts.json) as f:
+            old = json.load(f)
+        fresh = {r["name"] for r in results}
+        results = [r for r in old["results"] if r["name"] not in fresh] + results
+        everything = {e["name"]: i for i, e in enumerate(architectures())}
+        results.sort(key=lambda r: everything.get(r["name"], 10 ** 6))
+    env = environment()
+    env["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summ = write_outputs(results, env, opts.json, opts.md)
+    print()
+    print(json.dumps(summ))
+    md = opts.md or os.path.splitext(opts.json)[0] + ".md"
+    print(f"wrote {opts.json} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
