@@ -352,12 +352,9 @@ def _pixels(cfg, fix):
 
 # ------------------------------------------------------------------------------------------------ measure
 def _leaves(out):
-    import torch
-    from torch.utils import _pytree as pytree
+    from geonorm_fx.capture import tensor_leaves
 
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return tensor_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
 
 
 def _finite(out) -> bool:
@@ -374,6 +371,7 @@ def run_one(entry: dict) -> dict:
     import torch
     import geonorm_fx as gf
     from geonorm_fx.errors import CaptureError
+    from geonorm_fx.geodesic import record_norm_changes
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -406,24 +404,20 @@ def run_one(entry: dict) -> dict:
             rec["specialised"] = specialised_dims(source)
         except Exception as e:  # noqa: BLE001
             return done("capture", "export", _short(e))
-    try:
-        t = time.perf_counter()
-        report = gf.inspect(source, args, kwargs)
-        rec["seconds"]["inspect"] = round(time.perf_counter() - t, 2)
-    except CaptureError as e:
-        return done("capture", "inspect", _short(e))
-    except Exception as e:  # noqa: BLE001
-        return done("convert", "inspect", _short(e) + " | " + _where(e))
-    rec["captured"] = True
-    rec["dynamic"] = report.dynamic
-    try:
-        t = time.perf_counter()
-        module = gf.convert(source, args, kwargs)
-        rec["seconds"]["convert"] = round(time.perf_counter() - t, 2)
-    except CaptureError as e:
-        return done("capture", "convert", _short(e))
-    except Exception as e:  # noqa: BLE001
-        return done("convert", "convert", _short(e) + " | " + _where(e))
+    results = {}
+    for stage, run in (("inspect", gf.inspect), ("convert", gf.convert)):
+        try:
+            t = time.perf_counter()
+            results[stage] = run(source, args, kwargs)
+            rec["seconds"][stage] = round(time.perf_counter() - t, 2)
+        except CaptureError as e:
+            return done("capture", stage, _short(e))
+        except Exception as e:  # noqa: BLE001
+            return done("convert", stage, _short(e) + " | " + _where(e))
+        if stage == "inspect":
+            rec["captured"] = True
+            rec["dynamic"] = results["inspect"].dynamic
+    report, module = results["inspect"], results["convert"]
     rep = module.geonorm_report
     rec["counts"] = rep.counts()
     rec["n_sites"] = len(rep.sites)
@@ -434,29 +428,16 @@ def run_one(entry: dict) -> dict:
     static = not rep.dynamic or bool(rec.get("specialised"))
     if static:
         new_args, new_kwargs = args, kwargs  # a static capture only accepts the example shape
-    gaps = []
-
-    def hook(mod, inputs, out):
-        x = inputs[0].float()
-        radius = x.norm(dim=-1)
-        ok = radius >= 1e-6
-        gap = (out.float().norm(dim=-1) - radius).abs()[ok] / radius[ok]
-        gaps.append(float(gap.max()) if gap.numel() else 0.0)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, gf.GeodesicUpdate)]
     try:
         t = time.perf_counter()
         module.eval()
-        with torch.no_grad():
+        with record_norm_changes(module) as gaps, torch.no_grad():
             out = module(*new_args, **new_kwargs)
         rec["seconds"]["run"] = round(time.perf_counter() - t, 2)
     except Exception as e:  # noqa: BLE001
         if "Guard failed" in str(e):  # the capture's own shape guards reject the new shape
             return done("static", "run", "torch.export guarded the input shape: " + _short(e))
         return done("run", "run", _short(e) + " | " + _where(e))
-    finally:
-        for h in handles:
-            h.remove()
     rec["finite"] = _finite(out)
     rec["n_updates_called"] = len(gaps)
     rec["max_gap"] = max(gaps) if gaps else None

@@ -15,7 +15,7 @@ from . import zoo
 from .api import convert, inspect
 from .capture import tensor_leaves
 from .errors import GeoNormError
-from .geodesic import GeodesicUpdate
+from .geodesic import GeodesicUpdate, record_norm_changes
 from .schedules import SCHEDULE_NAMES
 from .visualize import render_svg, write_dot
 
@@ -125,23 +125,9 @@ def _picture(args, report) -> None:
 def _check_invariant(module, args, kwargs) -> dict:
     """Run the converted module once (eval) and measure, at every geodesic update, the relative change
     of the state norm ``max | |out| - |x| | / |x|`` (GEONORM.md section 2 invariant)."""
-    worst = []
-
-    def hook(mod, inputs, out):
-        x = inputs[0].float()
-        radius = x.norm(dim=-1)
-        ok = radius >= 1e-6
-        gap = (out.float().norm(dim=-1) - radius).abs()[ok] / radius[ok]
-        worst.append(float(gap.max()) if gap.numel() else 0.0)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, GeodesicUpdate)]
-    try:
-        module.eval()
-        with torch.no_grad():
-            module(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    module.eval()
+    with record_norm_changes(module) as worst, torch.no_grad():
+        module(*args, **kwargs)
     n_params = sum(p.numel() for m in module.modules() if isinstance(m, GeodesicUpdate) for p in m.parameters())
     return {"updates_run": len(worst), "max_relative_norm_change": max(worst, default=0.0),
             "invariant_holds": all(w <= 1e-5 for w in worst), "new_parameters": n_params}

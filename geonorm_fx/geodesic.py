@@ -5,7 +5,8 @@ The same code runs in eager mode, is traced by torch.export, fused by Inductor a
 from __future__ import annotations
 
 import math
-from typing import Union
+from contextlib import contextmanager
+from typing import Iterator, Union
 
 import torch
 from torch import Tensor, nn
@@ -98,3 +99,24 @@ class GeodesicUpdate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"decay={self.decay:.6g}, clamp={self.clamp:.6g}, learnable={self.learnable}"
+
+
+@contextmanager
+def record_norm_changes(module: nn.Module) -> Iterator[list[float]]:
+    """While active, every :class:`GeodesicUpdate` call inside ``module`` appends its worst relative state-norm
+    change ``max | |out| - |x| | / |x|`` over tokens with ``|x| >= R_FLOOR`` (the section 2 invariant) to the
+    yielded list."""
+    changes: list[float] = []
+
+    def hook(mod, inputs, out):
+        radius = inputs[0].float().norm(dim=-1)
+        ok = radius >= R_FLOOR
+        gap = (out.float().norm(dim=-1) - radius).abs()[ok] / radius[ok]
+        changes.append(float(gap.max()) if gap.numel() else 0.0)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, GeodesicUpdate)]
+    try:
+        yield changes
+    finally:
+        for h in handles:
+            h.remove()
