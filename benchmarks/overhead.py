@@ -68,8 +68,10 @@ def onnx_runtime(source, converted, args, reps, captured):
         src = export_onnx(source, args, os.path.join(tmp, "source.onnx"), verify=False)
         conv = export_onnx(converted, args, os.path.join(tmp, "converted.onnx"))  # verified in ORT
         threads = torch.get_num_threads()
-        sessions = {"s": ort_session(src.path, level="all", threads=threads),
-                    "c": ort_session(conv.path, level="all", threads=threads)}
+        # Idle ORT pool threads spin for a while after a run; timed in turns, one session's spinning
+        # threads would compete with the other's run, so both sleep instead.
+        sessions = {"s": ort_session(src.path, level="all", threads=threads, spinning=False),
+                    "c": ort_session(conv.path, level="all", threads=threads, spinning=False)}
         feeds = {k: {sess.get_inputs()[0].name: args[0].cpu().numpy()} for k, sess in sessions.items()}
         times = interleaved({k: (lambda k=k: sessions[k].run(None, feeds[k])) for k in sessions}, reps)
         row = ratio_summary(**_pair(times))

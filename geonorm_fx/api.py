@@ -74,7 +74,7 @@ def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: f
     root = cap.graphs["eval"]
     prefix = _free_name(root, "geonorm")
     updates = nn.ModuleList(
-        GeodesicUpdate(decays[i], clamp, learnable) for i in chosen)
+        GeodesicUpdate(decays[i], clamp, learnable, dim=reference.sites[i].dim) for i in chosen)
     updates.to(_device_of(root))
     removed: set[str] = set()
     for mode, gm in cap.graphs.items():

@@ -64,7 +64,13 @@ class GeoNormModule(nn.Module):
         """Generate one forward per mode; give this instance a class whose ``forward`` has the source
         model's signature (argument names), as ``fx.GraphModule`` does, so torch.export / torch.onnx
         ``dynamic_shapes`` keyed by argument name work on the converted module."""
-        self._geonorm_forward = {mode: _compile_graph(g) for mode, g in self._geonorm_graphs.items()}
+        forwards: dict = {}
+        for mode, graph in self._geonorm_graphs.items():
+            # a mode whose graph computes the same program (no dropout, no mode-dependent op) reuses
+            # the other mode's code: generating and compiling it is most of the pass's time
+            twin = next((m for m in forwards if _same_program(self, self._geonorm_graphs[m], graph)), None)
+            forwards[mode] = forwards[twin] if twin is not None else _compile_graph(graph)
+        self._geonorm_forward = forwards
         signature = inspect.signature(self._geonorm_forward.get("eval") or next(iter(self._geonorm_forward.values())))
 
         def forward(self, *args, **kwargs):
@@ -121,6 +127,85 @@ def _compile_graph(graph: fx.Graph):
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx codegen, as GraphModule does
     return namespace["forward"]
+
+
+def _same_program(owner: nn.Module, a: fx.Graph, b: fx.Graph) -> bool:
+    """True when ``a`` and ``b`` (graphs of ``owner``) compute the same thing: the same ops on the same
+    targets (or interchangeable modules) with the same arguments (nodes compared by position), and the
+    same input/output handling. Then one generated forward serves both."""
+    if len(a.nodes) != len(b.nodes) or type(a._codegen) is not type(b._codegen) \
+            or getattr(a._codegen, "pytree_info", None) != getattr(b._codegen, "pytree_info", None):
+        return False
+    position: dict[fx.Node, int] = {}
+    for i, (x, y) in enumerate(zip(a.nodes, b.nodes)):
+        if x.op != y.op or x.name != y.name \
+                or not _same_args((x.args, x.kwargs), (y.args, y.kwargs), position):
+            return False
+        if x.target is not y.target and x.target != y.target and not (
+                x.op == "call_module" and _interchangeable(_lookup(owner, x.target), _lookup(owner, y.target))):
+            return False
+        position[x] = position[y] = i
+    return True
+
+
+def _interchangeable(a, b) -> bool:
+    """Two stateless modules of one class whose attributes are equal, functions compared by their code
+    (torch.export gives each capture its own input-guard module, generated from the same guards)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or not isinstance(a, nn.Module) or any(
+            m._parameters or m._buffers or m._modules for m in (a, b)):
+        return False
+    mine, theirs = _public_state(a), _public_state(b)
+    mine.pop("training", None)
+    theirs.pop("training", None)
+    return mine.keys() == theirs.keys() and all(_same_value(value, theirs[key]) for key, value in mine.items())
+
+
+def _same_value(a, b, depth: int = 0) -> bool:
+    """Equal plain values, functions with equal code whose closures hold equal values, or objects of
+    one class whose public attributes are equal in this sense."""
+    if a is b:
+        return True
+    if depth > 4:
+        return False
+    if callable(a) and callable(b) and hasattr(inspect.unwrap(a), "__code__"):
+        a, b = inspect.unwrap(a), inspect.unwrap(b)
+        code = getattr(a, "__code__", None)
+        if code != getattr(b, "__code__", None):
+            return False
+        cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+        return len(cells_a) == len(cells_b) and all(
+            _same_value(x.cell_contents, y.cell_contents, depth + 1) for x, y in zip(cells_a, cells_b))
+    if not _same_class(type(a), type(b)) or isinstance(a, (torch.Tensor, nn.Module)):
+        return False
+    if type(a) is type(b) and a == b:
+        return True
+    state_a, state_b = _public_state(a), _public_state(b)
+    return state_a is not None and state_b is not None and state_a.keys() == state_b.keys() and all(
+        _same_value(v, state_b[k], depth + 1) for k, v in state_a.items())
+
+
+def _same_class(a: type, b: type) -> bool:
+    # a class defined inside a function is a new class object per call (torch's config patches)
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__ and "<locals>" in a.__qualname__)
+
+
+def _public_state(obj) -> dict | None:
+    state = getattr(obj, "__dict__", None)
+    return None if state is None else {k: v for k, v in state.items() if not k.startswith("_")}
+
+
+def _same_args(x, y, position: dict) -> bool:
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and position.get(x, -1) == position.get(y, -2)
+    if isinstance(x, (tuple, list)) or isinstance(y, (tuple, list)):
+        return type(x) is type(y) and len(x) == len(y) and all(_same_args(p, q, position) for p, q in zip(x, y))
+    if isinstance(x, dict) or isinstance(y, dict):
+        return type(x) is type(y) and x.keys() == y.keys() and all(_same_args(x[k], y[k], position) for k in x)
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return x is y
+    return type(x) is type(y) and x == y
 
 
 def _lookup(module: nn.Module, target: str):

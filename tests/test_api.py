@@ -102,6 +102,54 @@ def test_train_and_eval_switch_dropout(prenorm):
         torch.testing.assert_close(converted(toks), a)
 
 
+def test_modes_that_compute_the_same_program_share_one_forward(prenorm):
+    """The eval and train graphs are captured apart; when they compute the same program (no dropout,
+    no mode-dependent op) one generated forward serves both modes, which halves the code generation
+    of the pass. With dropout they differ and each mode keeps its own (see the dropout test above)."""
+    _, toks, with_dropout = prenorm
+    assert with_dropout._geonorm_forward["train"] is not with_dropout._geonorm_forward["eval"]
+
+    class NoDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.norms = nn.ModuleList(nn.LayerNorm(16) for _ in range(2))
+            self.fs = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for norm, f in zip(self.norms, self.fs):
+                x = x + f(norm(x))
+            return x
+
+    torch.manual_seed(0)
+    converted = gf.convert(NoDropout().eval(), (toks,))
+    assert converted.geonorm_report.counts() == {"pre": 2}
+    assert converted._geonorm_forward["train"] is converted._geonorm_forward["eval"]
+    with torch.no_grad():
+        torch.testing.assert_close(converted.train()(toks), converted.eval()(toks))
+    twin = copy.deepcopy(converted)
+    assert twin._geonorm_forward["train"] is twin._geonorm_forward["eval"]
+
+
+def test_generated_functions_with_other_constants_are_not_interchangeable():
+    """Per-mode modules that are stateless (torch.export's input-guard module) are shared only when their
+    functions have the same code and closures: other constants in the code make them different."""
+    from geonorm_fx.module import _interchangeable
+
+    def guard(limit):
+        namespace = {}
+        exec(f"def _(x):\n    assert x.shape[1] <= {limit}\n", namespace)  # noqa: S102 - as torch.export does
+        module = nn.Module()
+        module.forward = namespace["_"]
+        return module
+
+    assert _interchangeable(guard(11), guard(11))
+    assert not _interchangeable(guard(11), guard(12))
+    assert not _interchangeable(nn.Dropout(0.1), nn.Dropout(0.2)) and _interchangeable(nn.Dropout(0.1), nn.Dropout(0.1))
+    assert not _interchangeable(nn.Linear(2, 2), nn.Linear(2, 2))
+
+
 def test_deepcopy_gives_an_independent_equal_module(prenorm):
     _, toks, converted = prenorm
     converted.eval()

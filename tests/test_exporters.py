@@ -45,8 +45,9 @@ def test_llama_onnx_parity_and_clean_graph(llama_onnx):
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}       # standard ops only
     assert not ops.keys() & {"Dropout", "ATen", "PythonOp"}              # no training-only or fallback nodes
     n_sites = len(module.geonorm_report.sites)
-    # |x|, <x,s>, |v| once per update (the model's own RMSNorms reduce with ReduceMean)
-    assert ops["ReduceL2"] == 2 * n_sites and ops["ReduceSum"] == n_sites
+    # |x|^2, <x,s>, |v|^2 as Mul + ReduceSum once per update (ORT's CPU ReduceL2 is ~3x slower); the
+    # model's own RMSNorms reduce with ReduceMean
+    assert ops["ReduceSum"] == 3 * n_sites and "ReduceL2" not in ops
 
 
 def test_both_ort_optimisation_levels_load_and_agree(llama_onnx):

@@ -32,8 +32,8 @@ def _invariant(module, *args) -> tuple[object, list[float]]:
 
     def hook(mod, inputs, out):
         x = inputs[0].float()
-        r = x.norm(dim=-1)
-        gaps.append(float(((out.float().norm(dim=-1) - r).abs() / r.clamp_min(1e-6)).max()))
+        r = x.norm(dim=mod.dim)
+        gaps.append(float(((out.float().norm(dim=mod.dim) - r).abs() / r.clamp_min(1e-6)).max()))
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, gf.GeodesicUpdate)]
     try:
@@ -179,3 +179,78 @@ def test_parameter_only_term_of_a_residual_sum_is_part_of_the_branch():
     with torch.no_grad():
         expected = update(x, model.f(model.norm(x)) + model.bias.expand_as(x))
         assert torch.allclose(module.eval()(x), expected, atol=1e-6)
+
+
+class _ChannelsFirst(torch.nn.Module):
+    """A stream in ``(N, C, L)`` layout (SqueezeBERT's): 1x1 convolutions as branches, a LayerNorm over
+    the channels applied through ``permute(0, 2, 1)``; ``placement`` is "post" (``N(x + f(x))``, the
+    permute back after the norm) or "pre" (``x + f(N(x))``, the branch reads the norm in ``(N, L, C)``)."""
+
+    def __init__(self, placement: str, c: int = 16, blocks: int = 2):
+        super().__init__()
+        self.placement = placement
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(c) for _ in range(blocks))
+        self.convs = torch.nn.ModuleList(torch.nn.Conv1d(c, c, 1) for _ in range(blocks))
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(c, c) for _ in range(blocks))
+
+    def forward(self, x):
+        for norm, conv, linear in zip(self.norms, self.convs, self.linears):
+            if self.placement == "post":
+                x = norm((x + conv(x)).permute(0, 2, 1)).permute(0, 2, 1)
+            else:
+                x = x + linear(norm(x.permute(0, 2, 1))).transpose(1, 2)
+        return x
+
+    def geonorm(self, x, updates):
+        """Hand-written GeoNorm of this stack: the update over the channel dimension."""
+        for norm, conv, linear, geo in zip(self.norms, self.convs, self.linears, updates):
+            s = conv(x) if self.placement == "post" else linear(norm(x.permute(0, 2, 1))).transpose(1, 2)
+            x = gf.geodesic_step(x.transpose(1, 2), s.transpose(1, 2), scale=geo.scale, bias=geo.bias,
+                                 decay=geo.decay, clamp=geo.clamp).transpose(1, 2)
+        return x
+
+
+@pytest.mark.parametrize("placement", ["post", "pre"])
+def test_channels_first_stream_norm_through_a_permute(placement):
+    """SqueezeBERT keeps its stream as ``(N, C, L)`` and normalizes it over C through ``permute`` -> LayerNorm
+    -> ``permute`` back: the norm is over one feature dimension of the stream, just not the last. It
+    used to give zero sites ("normalizes over dimension(s)..." was not even said); now each site's
+    update runs over that dimension and equals the hand-written GeoNorm."""
+    torch.manual_seed(0)
+    model, x = _ChannelsFirst(placement).eval(), torch.randn(2, 16, 7)
+    # batch and length (dims 0 and 2) are dynamic; the channels (dim 1) are not
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO},), strict=False)
+    module = gf.convert(ep, (x,))
+    assert module.geonorm_report.counts() == {placement: 2}
+    updates = [m for m in module.modules() if isinstance(m, gf.GeodesicUpdate)]
+    assert [u.dim for u in updates] == [-2, -2]
+    if placement == "post":
+        assert sorted(module.geonorm_report.removed_parameters) == [f"norms.{i}.{p}" for i in (0, 1)
+                                                                     for p in ("bias", "weight")]
+    x2 = torch.randn(3, 16, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x2), model.geonorm(x2, updates), rtol=1e-5, atol=1e-5)
+    out, gaps = _invariant(module, x2)
+    assert len(gaps) == 2 and max(gaps) <= 1e-5
+
+
+def test_geodesic_step_over_another_dimension_is_the_transposed_step():
+    x, s = torch.randn(2, 8, 5), torch.randn(2, 8, 5)
+    expected = gf.geodesic_step(x.transpose(1, 2), s.transpose(1, 2), scale=1.3, decay=0.5).transpose(1, 2)
+    torch.testing.assert_close(gf.geodesic_step(x, s, scale=1.3, decay=0.5, dim=-2), expected)
+
+
+def test_squeezebert_post_norm_over_channels():
+    """The SqueezeBERT model itself: two post sites per layer (attention and FFN), the channel norm's
+    parameters removed, finite outputs at a new shape with the invariant holding over the channels."""
+    model = _tiny("SqueezeBertConfig", "SqueezeBertModel", vocab_size=128, hidden_size=64, embedding_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=64, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
+                  intermediate_groups=4, output_groups=4)
+    module = _convert(model, (_ids(2, 8),))
+    report = module.geonorm_report
+    assert report.counts() == {"post": 4}
+    assert len(report.removed_parameters) == 4 * 2
+    out, gaps = _invariant(module, _ids(3, 11))
+    assert out.last_hidden_state.shape == (3, 11, 64) and bool(out.last_hidden_state.isfinite().all())
+    assert len(gaps) == 4 and max(gaps) <= 1e-5

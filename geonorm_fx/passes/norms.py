@@ -29,11 +29,14 @@ class NormMatch:
     nodes: set = field(default_factory=set)   # every node of the norm, casts from the input included
     over: str = "the last dimension"
     path: str = ""
+    dim: int | None = None         # the one dimension of ``source`` it normalizes (negative), else None
+    output_in_source_layout: bool = True   # False when the result stays in a permuted layout
 
     @property
-    def last_dim_only(self) -> bool:
-        """A LayerNorm/RMSNorm over the last dimension: the only norms residual sites are built from."""
-        return self.kind in RESIDUAL_NORM_KINDS and self.over == "the last dimension"
+    def feature_norm(self) -> bool:
+        """A LayerNorm/RMSNorm over one dimension of its source (the last, or another one read through an
+        axis permutation): the only norms residual sites are built from."""
+        return self.kind in RESIDUAL_NORM_KINDS and self.dim is not None
 
     @property
     def name(self) -> str:
@@ -54,6 +57,9 @@ def find_norms(view: GraphView, exclude: set | None = None) -> list[NormMatch]:
             continue
         if match.kind in RESIDUAL_NORM_KINDS:
             _absorb_affine(view, match)
+            if match.over == "the last dimension":
+                match.dim = -1
+                _see_through_permutation(view, match)
         claimed |= match.nodes
         found.append(match)
     return found
@@ -244,6 +250,50 @@ def _absorb_affine(view: GraphView, match: NormMatch) -> None:
         match.nodes.add(nxt)
         match.nodes |= parameter_expr_nodes(view, other)
         match.output = nxt
+
+
+def _same_shape_passthrough(view: GraphView, node: fx.Node) -> fx.Node | None:
+    src = view.passthrough_input(node)
+    return src if src is not None and view.same_shape(src, node) else None
+
+
+def _see_through_permutation(view: GraphView, match: NormMatch) -> None:
+    """A last-dimension norm of ``t.permute(p)`` normalizes ``t`` over its dimension ``p[-1]`` (a
+    channels-first ``(N, C, L)`` stream normalized over C, e.g. SqueezeBERT). Re-anchor ``match`` on
+    ``t``; when the result is permuted back by the inverse permutation, its output is that permute."""
+    path, cur = [], match.input
+    while True:
+        perm = view.permutation(cur)
+        if perm is not None:
+            break
+        src = _same_shape_passthrough(view, cur)
+        if src is None:
+            return
+        path.append(cur)
+        cur = src
+    t, p = perm
+    ndim = len(p)
+    if p[-1] == ndim - 1:
+        return  # the last dimension stays last: a norm of the permuted stream, as it is
+    match.nodes |= set(path) | {cur}
+    match.input, match.source, match.dim = t, view.root(t), p[-1] - ndim
+    match.over = f"dimension {p[-1]} (read through a permute)"
+    out, trail = match.output, []
+    while True:
+        users = view.data_users(out)
+        if len(users) != 1:
+            break
+        nxt = users[0]
+        back = view.permutation(nxt)
+        if back is not None and back[0] is out and all(p[q] == j for j, q in enumerate(back[1])):
+            match.nodes |= set(trail) | {nxt}
+            match.output = nxt
+            return
+        if _same_shape_passthrough(view, nxt) is not out:
+            break
+        trail.append(nxt)
+        out = nxt
+    match.output_in_source_layout = False
 
 
 def is_parameter_expr(view: GraphView, node, depth: int = 0) -> bool:

@@ -49,6 +49,8 @@ _VIEW_ATEN = {aten.view.default, aten.reshape.default, aten._unsafe_view.default
               aten.unflatten.int}
 _VIEW_FUNCS = {torch.reshape, torch.flatten}
 _VIEW_METHODS = {"view", "reshape", "flatten", "unflatten"}
+_PERMUTE = ({aten.permute.default}, {torch.permute}, {"permute"})
+_TRANSPOSE = ({aten.transpose.int}, {torch.transpose}, {"transpose"})
 
 # Ops that read only the shape, dtype or device of their tensor inputs, not their values.
 _SHAPE_ONLY_ATEN = {
@@ -393,6 +395,30 @@ class GraphView:
                 return kind
         return None
 
+    def permutation(self, node: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
+        """For an axis permutation ``y = x.permute(p)`` (or a transpose), return ``(x, p)`` with ``p`` in
+        non-negative form: ``y`` axis ``i`` is ``x`` axis ``p[i]``."""
+        src = self._first_tensor_arg(node) if node.op in ("call_function", "call_method") else None
+        ndim = self.ndim(src) if src is not None else None
+        if ndim is None:
+            return None
+        rest = list(node.args[1:])
+        if self.matches(node, _PERMUTE):
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            dims = dims or node.kwargs.get("dims")
+        elif self.matches(node, _TRANSPOSE) and len(rest) == 2:
+            a, b = rest
+            if not (isinstance(a, int) and isinstance(b, int)):
+                return None
+            dims = list(range(ndim))
+            dims[a % ndim], dims[b % ndim] = dims[b % ndim], dims[a % ndim]
+        else:
+            return None
+        if not dims or len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+            return None
+        perm = tuple(d % ndim for d in dims)
+        return (src, perm) if sorted(perm) == list(range(ndim)) else None
+
     def is_last_dim(self, node: fx.Node, dims: Sequence[int]) -> bool:
         """True when ``dims`` names exactly the last dimension of ``node``."""
         if len(dims) != 1:
@@ -419,7 +445,8 @@ class GraphView:
 
     def inside_module_class(self, node: fx.Node, class_names: Iterable[str]) -> bool:
         names = set(class_names)
-        return any(cls in names for _, _, cls in self.module_stack(node))
+        stack = node.meta.get("nn_module_stack") or {}
+        return any((cls if isinstance(cls, str) else qualified_name(cls)) in names for _path, cls in stack.values())
 
 
 def _nodes_in(args) -> list[fx.Node]:
@@ -443,6 +470,8 @@ def _same_size(a, b) -> bool:
     expr_a, expr_b = getattr(getattr(a, "node", None), "expr", a), getattr(getattr(b, "node", None), "expr", b)
     if expr_a is expr_b or (type(expr_a) is int and type(expr_b) is int):
         return expr_a == expr_b
+    if expr_a == expr_b:  # structurally equal expressions (sympy compares them without the guards)
+        return True
     try:
         return bool(a == b)
     except Exception:  # symbolic sizes that cannot be decided

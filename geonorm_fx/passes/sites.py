@@ -53,6 +53,7 @@ class SiteMatch:
     block: int = -1
     path: str = ""
     stream: int = 0
+    dim: int = -1                   # the stream's feature dimension, over which the norms normalize
 
     def signature(self) -> tuple:
         return (self.kind, self.norm.kind, self.stream, self.block, self.path)
@@ -85,9 +86,10 @@ def analyze(view: GraphView) -> Analysis:
     ctx = _Context(view, defaultdict(list), {}, set())
     for n in norms:
         ctx.blocked_nodes |= n.nodes
-        if n.last_dim_only:
+        if n.feature_norm:
             ctx.by_source[n.source].append(n)
-            ctx.by_output[view.root(n.output)] = n
+            if n.output_in_source_layout:
+                ctx.by_output[view.root(n.output)] = n
     sites = []
     for node in view.nodes:
         if node in geo_nodes or node in ctx.blocked_nodes or not _is_sum(view, node) or _is_inner_add(view, node):
@@ -258,8 +260,11 @@ def _kind(ctx: _Context, total, x, branches, scale_node, inner, data=None) -> Si
     dead = inner | {total} | ({scale_node} if scale_node is not None else set())
 
     def site(kind, named, norms, output, removed=None):
+        dims = {n.dim for n in norms}
+        if len(dims) != 1:
+            return None  # norms over different dimensions of the stream: no one feature dimension
         return SiteMatch(kind, x, all_branches, total, named, norms, output,
-                         dead | (removed.nodes if removed else set()))
+                         dead | (removed.nodes if removed else set()), dim=dims.pop())
 
     # A scaled stream ``a*x + s`` (depth-scaled residuals, learnable residual gains): the update keeps
     # ``|x|``, so ``a`` is dropped as for DeepNorm; factors on the branches stay part of ``s``.
@@ -318,7 +323,7 @@ def _exclusive_norm(ctx: _Context, total: fx.Node) -> NormMatch | None:
     """The last-dim norm that is the only reader of ``total`` (seen through casts), if any."""
     for norm in ctx.by_source.get(total, []):
         users = ctx.view.data_users(total)
-        if users and all(u in norm.nodes for u in users):
+        if norm.output_in_source_layout and users and all(u in norm.nodes for u in users):
             return norm
     return None
 
@@ -395,8 +400,8 @@ def _skips(view: GraphView, norms: list[NormMatch], sites: list[SiteMatch], geo_
         if norm.kind not in RESIDUAL_NORM_KINDS:
             reason = (f"{norm.kind.replace('_', ' ')} normalizes over {norm.over}, not the last dimension: "
                       "residual blocks around it (ResNet-style) are left alone")
-        elif not norm.last_dim_only:
-            reason = f"normalizes over {norm.over}, not over the last dimension only: not a residual-stream norm"
+        elif not norm.feature_norm:
+            reason = f"normalizes over {norm.over}, not over one feature dimension: not a residual-stream norm"
         elif norm.source in geo_inputs:
             reason = "branch-input norm of an existing geodesic update: the model is already converted"
         elif norm.source in last_values:
