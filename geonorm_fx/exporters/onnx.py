@@ -57,17 +57,13 @@ def default_providers() -> list[str]:
     return out + ["CPUExecutionProvider"]
 
 
-def ort_session(path: str, providers: list[str] | None = None, level: str = "all", threads: int = 0,
-                spinning: bool = True):
+def ort_session(path: str, providers: list[str] | None = None, level: str = "all", threads: int = 0):
     """An ONNX Runtime session with graph optimisation ``"all"`` (ORT_ENABLE_ALL) or ``"none"``;
-    ``threads`` intra-op threads (0: ONNX Runtime's default, one per core); ``spinning=False`` makes idle
-    pool threads sleep instead of spinning (two sessions timed in turns then do not slow each other)."""
+    ``threads`` intra-op threads (0: ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     options.log_severity_level = 3
