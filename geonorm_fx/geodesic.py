@@ -73,10 +73,10 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
 
 
 def _norm(t: Tensor, dim: int) -> Tensor:
-    """``|t|`` over ``dim`` (kept). Eager: one ``vector_norm`` kernel. Traced (torch.export, hence ONNX,
-    and torch.compile): ``sqrt(<t, t>)``, which ONNX Runtime's CPU provider runs as Mul + ReduceSum, about
-    3x faster than its ReduceL2 (Inductor fuses either form); the square is floored far below every guard
-    so that the square root's gradient stays finite at ``t = 0``."""
+    """``|t|`` over ``dim`` (kept). Eager and torch.compile: one ``vector_norm``. Under torch.export (hence
+    ONNX and AOTInductor): ``sqrt(<t, t>)``, which ONNX Runtime's CPU provider runs as Mul + ReduceSum, about
+    3x faster than its ReduceL2; the square is floored far below every guard so that the square root's
+    gradient stays finite at ``t = 0``."""
     if torch.compiler.is_exporting():
         return torch.linalg.vecdot(t, t, dim=dim).unsqueeze(dim).clamp_min(_SQUARE_FLOOR).sqrt()
     return torch.linalg.vector_norm(t, dim=dim, keepdim=True)
