@@ -120,3 +120,5 @@ def test_bad_arguments_raise_geonorm_errors():
         gf.GeodesicUpdate(clamp=0.0)
     with pytest.raises(gf.GeoNormError, match="decay"):
         gf.GeodesicUpdate(decay=float("nan"))
+    with pytest.raises(gf.GeoNormError, match="dim must be a negative int"):
+        gf.GeodesicUpdate(dim=1)
