@@ -456,7 +456,6 @@ def run_one(entry: dict) -> dict:
     import torch
     import geonorm_fx as gf
     from geonorm_fx.errors import CaptureError
-    from geonorm_fx.geodesic import record_norm_changes
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -513,20 +512,15 @@ def run_one(entry: dict) -> dict:
     static = not rep.dynamic or bool(rec.get("specialised"))
     if static:
         new_args, new_kwargs = args, kwargs  # a static capture only accepts the example shape
-    try:
-        t = time.perf_counter()
-        module.eval()
-        with record_norm_changes(module) as gaps, torch.no_grad():
-            out = module(*new_args, **new_kwargs)
-        rec["seconds"]["run"] = round(time.perf_counter() - t, 2)
-    except Exception as e:  # noqa: BLE001
-        if "Guard failed" in str(e):  # the capture's own shape guards reject the new shape
+    t = time.perf_counter()
+    res = run_checked(module.eval(), new_args, new_kwargs)
+    if res["error"] is not None:
+        if "Guard failed" in res["error"]:  # the capture's own shape guards reject the new shape
             rec["new_batch_only"] = run_checked(module, *batch_inputs)
-            return done("static", "run", "torch.export guarded the input shape: " + _short(e))
-        return done("run", "run", _short(e) + " | " + _where(e))
-    rec["finite"] = _finite(out)
-    rec["n_updates_called"] = len(gaps)
-    rec["max_gap"] = max(gaps) if gaps else None
+            return done("static", "run", "torch.export guarded the input shape: " + res["error"])
+        return done("run", "run", res["error"] + " | " + res["where"])
+    rec["seconds"]["run"] = round(time.perf_counter() - t, 2)
+    rec.update(finite=res["finite"], n_updates_called=res["n_updates_called"], max_gap=res["max_gap"])
     if static:
         dims = ", ".join(rec.get("specialised") or []) or "the batch/sequence dims"
         return done("static", "capture", f"torch.export specialised {dims}: the capture accepts only the "
@@ -534,14 +528,14 @@ def run_one(entry: dict) -> dict:
     if not rec["finite"]:
         return done("not-finite", "run", "non-finite output at the new shape"
                     + ("" if rec["source_finite"] else " (the source model's output is non-finite too)"))
-    if gaps and not all(math.isfinite(g) and g <= TOL for g in gaps):
-        return done("invariant", "run", f"max relative norm change {max(gaps):.2e} > {TOL}")
+    if not res["ok"]:  # finite, so an update broke the invariant
+        return done("invariant", "run", f"max relative norm change {res['max_gap']:.2e} > {TOL}")
     if rec["n_sites"] == 0:
         if rep.skipped:
             return done("zero-site")
         return done("no-reason", "report", "no site found and the report gives no reason")
-    if len(gaps) < rec["n_sites"]:
-        return done("run", "run", f"only {len(gaps)} of {rec['n_sites']} updates ran")
+    if res["n_updates_called"] < rec["n_sites"]:
+        return done("run", "run", f"only {res['n_updates_called']} of {rec['n_sites']} updates ran")
     return done("ok")
 
 
@@ -556,7 +550,7 @@ def run_checked(module, args: tuple, kwargs: dict) -> dict:
         with record_norm_changes(module) as gaps, torch.no_grad():
             out = module(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
-        res["error"] = _short(e)
+        res["error"], res["where"] = _short(e), _where(e)
         return res
     res.update(finite=_finite(out), max_gap=max(gaps) if gaps else None, n_updates_called=len(gaps))
     res["ok"] = res["finite"] and all(math.isfinite(g) and g <= TOL for g in gaps)

@@ -156,10 +156,7 @@ def _interchangeable(a, b) -> bool:
     if type(a) is not type(b) or not isinstance(a, nn.Module) or any(
             m._parameters or m._buffers or m._modules for m in (a, b)):
         return False
-    mine, theirs = _public_state(a), _public_state(b)
-    mine.pop("training", None)
-    theirs.pop("training", None)
-    return mine.keys() == theirs.keys() and all(_same_value(value, theirs[key]) for key, value in mine.items())
+    return _same_state(a, b, ignore=("training",))
 
 
 def _same_value(a, b, depth: int = 0) -> bool:
@@ -181,9 +178,7 @@ def _same_value(a, b, depth: int = 0) -> bool:
         return False
     if type(a) is type(b) and a == b:
         return True
-    state_a, state_b = _public_state(a), _public_state(b)
-    return state_a is not None and state_b is not None and state_a.keys() == state_b.keys() and all(
-        _same_value(v, state_b[k], depth + 1) for k, v in state_a.items())
+    return _same_state(a, b, depth + 1)
 
 
 def _same_class(a: type, b: type) -> bool:
@@ -191,9 +186,14 @@ def _same_class(a: type, b: type) -> bool:
     return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__ and "<locals>" in a.__qualname__)
 
 
-def _public_state(obj) -> dict | None:
-    state = getattr(obj, "__dict__", None)
-    return None if state is None else {k: v for k, v in state.items() if not k.startswith("_")}
+def _same_state(a, b, depth: int = 0, ignore: tuple = ()) -> bool:
+    """The public attributes of ``a`` and ``b`` (except ``ignore``) are the same values (:func:`_same_value`)."""
+    state_a, state_b = getattr(a, "__dict__", None), getattr(b, "__dict__", None)
+    if state_a is None or state_b is None:
+        return False
+    keys = {k for k in state_a if not k.startswith("_") and k not in ignore}
+    return keys == {k for k in state_b if not k.startswith("_") and k not in ignore} and all(
+        _same_value(state_a[k], state_b[k], depth) for k in keys)
 
 
 def _same_args(x, y, position: dict) -> bool:

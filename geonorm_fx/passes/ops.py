@@ -433,8 +433,7 @@ class GraphView:
         stack = node.meta.get("nn_module_stack") or {}
         out = []
         for key, (path, cls) in stack.items():
-            cls_name = cls if isinstance(cls, str) else qualified_name(cls)
-            out.append((str(key), _clean_path(path), cls_name))
+            out.append((str(key), _clean_path(path), _class_name(cls)))
         return out
 
     def module_path(self, node: fx.Node) -> str:
@@ -446,13 +445,17 @@ class GraphView:
     def inside_module_class(self, node: fx.Node, class_names: Iterable[str]) -> bool:
         names = set(class_names)
         stack = node.meta.get("nn_module_stack") or {}
-        return any((cls if isinstance(cls, str) else qualified_name(cls)) in names for _path, cls in stack.values())
+        return any(_class_name(cls) in names for _path, cls in stack.values())  # paths not cleaned: hot
 
 
 def _nodes_in(args) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg(args, out.append)
     return out
+
+
+def _class_name(cls) -> str:
+    return cls if isinstance(cls, str) else qualified_name(cls)
 
 
 def _clean_path(path: str) -> str:

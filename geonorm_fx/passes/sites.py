@@ -320,7 +320,8 @@ def reaches(view: GraphView, src: fx.Node, target: fx.Node, blocked: set | froze
 
 
 def _exclusive_norm(ctx: _Context, total: fx.Node) -> NormMatch | None:
-    """The last-dim norm that is the only reader of ``total`` (seen through casts), if any."""
+    """The feature norm that is the only reader of ``total`` (seen through casts) and gives its result in
+    the stream's layout, if any."""
     for norm in ctx.by_source.get(total, []):
         users = ctx.view.data_users(total)
         if norm.output_in_source_layout and users and all(u in norm.nodes for u in users):
