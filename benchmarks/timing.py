@@ -38,7 +38,8 @@ def ratio_summary(source: list[float], converted: list[float]) -> dict:
     pair = [c / s for s, c in zip(source, converted)]
     return {"source_ms": 1e3 * statistics.median(source), "converted_ms": 1e3 * statistics.median(converted),
             "ratio": statistics.median(converted) / statistics.median(source),
-            "ratio_p10": quantile(pair, 0.1), "ratio_p90": quantile(pair, 0.9), "reps": len(pair)}
+            "ratio_p10": quantile(pair, 0.1), "ratio_p90": quantile(pair, 0.9), "reps": len(pair),
+            "round_ratios": pair}
 
 
 def peak_memory_bytes(fn, device=torch.device("cpu")) -> int:

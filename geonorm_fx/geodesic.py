@@ -49,15 +49,22 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     out_dtype = torch.promote_types(x.dtype, s.dtype)  # (torch.result_type breaks a dynamo graph)
     xf = x.float()
     sf = s.float()
-    # Three row reductions and four elementwise passes in eager mode, one fused loop under Inductor. The
-    # tangent is formed explicitly, not through |v|^2 = <s,s> - <x,s>^2/<x,x>: that difference cancels
+    # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, the tangent
+    # and the output are separate tensors. Inductor fuses the whole step into one loop.
+    # The tangent is formed explicitly, not through |v|^2 = <s,s> - <x,s>^2/<x,x>: that difference cancels
     # catastrophically when s is nearly parallel to x and would break the norm invariant.
     radius_raw = _norm(xf, dim)
     r2 = radius_raw * radius_raw
     r2_safe = r2.clamp_min(R2_FLOOR)
     radius = radius_raw.clamp_min(math.sqrt(R2_FLOOR))
-    along = torch.linalg.vecdot(xf, sf, dim=dim).unsqueeze(dim) / r2_safe
-    v = torch.addcmul(sf, along, xf, value=-1.0)
+    overwrite = _overwritable()
+    if overwrite:  # one full-size buffer, as the source's x + s: the products x*s, then v, then the output
+        v = torch.mul(xf, sf)
+        along = v.sum(dim, keepdim=True) / r2_safe
+        torch.addcmul(sf, along, xf, value=-1.0, out=v)
+    else:
+        along = torch.linalg.vecdot(xf, sf, dim=dim).unsqueeze(dim) / r2_safe
+        v = torch.addcmul(sf, along, xf, value=-1.0)
     v_raw = _norm(v, dim)
     v_norm = v_raw.clamp_min(V_FLOOR)
     theta0 = torch.clamp(v_norm / radius, max=clamp)
@@ -68,8 +75,18 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     empty = radius_raw < R_FLOOR
     a = torch.where(empty, 1.0 + along, torch.where(parallel, 1.0, torch.cos(theta)))
     b = torch.where(empty, 1.0, torch.where(parallel, 0.0, torch.sin(theta) * radius / v_norm))
-    out = torch.addcmul(a * xf, b, v)
+    if overwrite:
+        out = v.mul_(b).addcmul_(a, xf)
+    else:
+        out = torch.addcmul(a * xf, b, v)
     return out.to(out_dtype)
+
+
+def _overwritable() -> bool:
+    """True when an intermediate of the step may be overwritten in place: eager code with autograd off (no
+    graph saved it). Traced code (torch.compile, torch.export) keeps the functional form, which the
+    compilers fuse or translate as they see fit."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _norm(t: Tensor, dim: int) -> Tensor:

@@ -69,6 +69,32 @@ def test_zero_token_falls_back_to_plain_residual():
     assert ((out.norm(dim=-1) - x.norm(dim=-1)).abs()[ok] <= 1e-5 * x.norm(dim=-1)[ok]).all()
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_inference_path_matches_reference_and_leaves_inputs_alone(mode):
+    # Without autograd the step writes its output over its own tangent buffer: same values as the autograd
+    # path and the reference, guards included, and neither input is touched.
+    x, s = _pair(2, 9, 48, s_scale=0.5, seed=12)
+    x[0, 1] = 0.0
+    x[1, 2] = 0.0
+    x[1, 2, 5] = 3.0
+    s[1, 2] = -2.0 * x[1, 2]  # exactly parallel, v == 0 in float32: the guard returns x
+    x_before, s_before = x.clone(), s.clone()
+    update = gf.GeodesicUpdate(decay=0.25)
+    with torch.no_grad():
+        update.bias.fill_(0.1)
+    taped = update(x, s)
+    assert taped.requires_grad
+    with mode():
+        fast = update(x, s)
+    torch.testing.assert_close(fast, taped.detach(), atol=1e-6, rtol=1e-6)
+    ok = x.norm(dim=-1) >= R_FLOOR
+    ok[1, 2] = False  # parallel: the reference divides by |v| = 0
+    torch.testing.assert_close(fast[ok], reference_geodesic(x, s, decay=0.25, bias=0.1)[ok], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[0, 1], s[0, 1])
+    torch.testing.assert_close(fast[1, 2], x[1, 2])
+    assert torch.equal(x, x_before) and torch.equal(s, s_before)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_half_precision_inputs_compute_in_float32(dtype, tol):
     x, s = _pair(2, 6, 64, s_scale=0.3, seed=6)
