@@ -13,6 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> int:
     runs = [
         ["overhead.py", *sys.argv[1:]],
+        ["update_cost.py"],
         ["pass_time.py"],
         ["kernel_count.py"],
     ]

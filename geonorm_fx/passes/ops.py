@@ -40,6 +40,14 @@ _VALUE_PRESERVING_METHODS = {"to", "type", "float", "half", "bfloat16", "double"
 _VALUE_PRESERVING_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                              nn.FeatureAlphaDropout, nn.Identity)
 _TUPLE_DROPOUT_ATEN = {aten.native_dropout.default}
+_DROPOUT_CALLS = frozenset({aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+                            aten.feature_alpha_dropout.default, aten.native_dropout.default, F.dropout, F.dropout1d,
+                            F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout})
+
+
+def is_dropout(node: fx.Node) -> bool:
+    """A dropout call (function or aten op; modules are compared as modules)."""
+    return node.op == "call_function" and node.target in _DROPOUT_CALLS
 
 _CAST_ATEN = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
               aten.type_as.default}
@@ -155,7 +163,7 @@ class GraphView:
         if any(s is None for s in shapes):
             return True
         first = shapes[0]
-        return bool(first) and all(len(s) == len(first) and all(_same_size(a, b) for a, b in zip(s, first))
+        return bool(first) and all(len(s) == len(first) and all(same_size(a, b) for a, b in zip(s, first))
                                    for s in shapes[1:])
 
     def last_dim(self, node):
@@ -248,7 +256,7 @@ class GraphView:
         a, b = self.shape(src), self.shape(node)
         if a is None or b is None or not a or not b:
             return None
-        same_last = _same_size(a[-1], b[-1])
+        same_last = same_size(a[-1], b[-1])
         return src if same_last else None
 
     def root(self, node: fx.Node) -> fx.Node:
@@ -467,7 +475,8 @@ def _clean_path(path: str) -> str:
     return p.strip(".")
 
 
-def _same_size(a, b) -> bool:
+def same_size(a, b) -> bool:
+    """Equal sizes, ints or SymInts (structural comparison first, the shape environment only if needed)."""
     # Symbolic sizes: identical expressions decide at once; `a == b` on SymInts goes through the shape
     # environment's guard machinery, which dominated the pass's run time on deep models.
     expr_a, expr_b = getattr(getattr(a, "node", None), "expr", a), getattr(getattr(b, "node", None), "expr", b)
