@@ -14,7 +14,6 @@ from .module import GeoNormModule
 from .passes.ops import GraphView
 from .passes.rewrite import rewrite_sites
 from .passes.sites import Analysis, analyze
-from .passes.twins import analysis_twin, remap_analysis
 from .report import SITE_KINDS, Report, Site, Skip
 from .schedules import SCHEDULE_NAMES, Schedule, decay_constants
 
@@ -58,7 +57,7 @@ def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: f
     """The pass alone: find sites in each captured graph, rewrite them in place, wrap the graphs in a
     :class:`GeoNormModule`. :func:`convert` is ``capture`` followed by this (benchmarks time it apart)."""
     kind_set = _check_kinds(kinds)
-    analyses = _analyze_all(cap.graphs)
+    analyses = {mode: analyze(GraphView(gm)) for mode, gm in cap.graphs.items()}
     reference = analyses["eval"]
     for mode, analysis in analyses.items():
         if [s.signature() for s in analysis.sites] != [s.signature() for s in reference.sites]:
@@ -90,22 +89,6 @@ def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: f
     report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set)
     report.removed_parameters = sorted(removed)
     return GeoNormModule(cap.graphs, report)
-
-
-def _analyze_all(graphs: dict[str, torch.fx.GraphModule]) -> dict[str, Analysis]:
-    """The site analysis of every mode's graph; a graph that is a twin of one already analysed (the same
-    program with the same shapes and module stacks: a model whose training mode changes no op) gets that
-    analysis with its nodes mapped over, instead of a second search."""
-    analyses: dict[str, Analysis] = {}
-    for mode, gm in graphs.items():
-        for done, analysis in analyses.items():
-            nodes = analysis_twin(graphs[done], gm)
-            if nodes is not None:
-                analyses[mode] = remap_analysis(analysis, nodes)
-                break
-        else:
-            analyses[mode] = analyze(GraphView(gm))
-    return analyses
 
 
 def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_set=None) -> Report:

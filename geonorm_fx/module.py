@@ -17,7 +17,6 @@ import torch
 from torch import fx, nn
 
 from .errors import GeoNormError
-from .passes.twins import corresponding_nodes, same_state
 from .report import Report
 
 _counter = itertools.count()
@@ -134,11 +133,19 @@ def _same_program(owner: nn.Module, a: fx.Graph, b: fx.Graph) -> bool:
     """True when ``a`` and ``b`` (graphs of ``owner``) compute the same thing: the same ops on the same
     targets (or interchangeable modules) with the same arguments (nodes compared by position), and the
     same input/output handling. Then one generated forward serves both."""
-    if type(a._codegen) is not type(b._codegen) \
+    if len(a.nodes) != len(b.nodes) or type(a._codegen) is not type(b._codegen) \
             or getattr(a._codegen, "pytree_info", None) != getattr(b._codegen, "pytree_info", None):
         return False
-    return corresponding_nodes(a, b, lambda x, y: x.op == "call_module" and _interchangeable(
-        _lookup(owner, x.target), _lookup(owner, y.target))) is not None
+    position: dict[fx.Node, int] = {}
+    for i, (x, y) in enumerate(zip(a.nodes, b.nodes)):
+        if x.op != y.op or x.name != y.name \
+                or not _same_args((x.args, x.kwargs), (y.args, y.kwargs), position):
+            return False
+        if x.target is not y.target and x.target != y.target and not (
+                x.op == "call_module" and _interchangeable(_lookup(owner, x.target), _lookup(owner, y.target))):
+            return False
+        position[x] = position[y] = i
+    return True
 
 
 def _interchangeable(a, b) -> bool:
@@ -149,7 +156,56 @@ def _interchangeable(a, b) -> bool:
     if type(a) is not type(b) or not isinstance(a, nn.Module) or any(
             m._parameters or m._buffers or m._modules for m in (a, b)):
         return False
-    return same_state(a, b, ignore=("training",))
+    return _same_state(a, b, ignore=("training",))
+
+
+def _same_value(a, b, depth: int = 0) -> bool:
+    """Equal plain values, functions with equal code whose closures hold equal values, or objects of
+    one class whose public attributes are equal in this sense."""
+    if a is b:
+        return True
+    if depth > 4:
+        return False
+    if callable(a) and callable(b) and hasattr(inspect.unwrap(a), "__code__"):
+        a, b = inspect.unwrap(a), inspect.unwrap(b)
+        code = getattr(a, "__code__", None)
+        if code != getattr(b, "__code__", None):
+            return False
+        cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+        return len(cells_a) == len(cells_b) and all(
+            _same_value(x.cell_contents, y.cell_contents, depth + 1) for x, y in zip(cells_a, cells_b))
+    if not _same_class(type(a), type(b)) or isinstance(a, (torch.Tensor, nn.Module)):
+        return False
+    if type(a) is type(b) and a == b:
+        return True
+    return _same_state(a, b, depth + 1)
+
+
+def _same_class(a: type, b: type) -> bool:
+    # a class defined inside a function is a new class object per call (torch's config patches)
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__ and "<locals>" in a.__qualname__)
+
+
+def _same_state(a, b, depth: int = 0, ignore: tuple = ()) -> bool:
+    """The public attributes of ``a`` and ``b`` (except ``ignore``) are the same values (:func:`_same_value`)."""
+    state_a, state_b = getattr(a, "__dict__", None), getattr(b, "__dict__", None)
+    if state_a is None or state_b is None:
+        return False
+    keys = {k for k in state_a if not k.startswith("_") and k not in ignore}
+    return keys == {k for k in state_b if not k.startswith("_") and k not in ignore} and all(
+        _same_value(state_a[k], state_b[k], depth) for k in keys)
+
+
+def _same_args(x, y, position: dict) -> bool:
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and position.get(x, -1) == position.get(y, -2)
+    if isinstance(x, (tuple, list)) or isinstance(y, (tuple, list)):
+        return type(x) is type(y) and len(x) == len(y) and all(_same_args(p, q, position) for p, q in zip(x, y))
+    if isinstance(x, dict) or isinstance(y, dict):
+        return type(x) is type(y) and x.keys() == y.keys() and all(_same_args(x[k], y[k], position) for k in x)
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return x is y
+    return type(x) is type(y) and x == y
 
 
 def _lookup(module: nn.Module, target: str):

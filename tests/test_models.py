@@ -44,6 +44,8 @@ def test_site_counts_blocks_and_skips(converted):
     counts, per_stream, blocks, decays, skipped = EXPECTED[spec]
     report = module.geonorm_report
     assert report.counts() == counts
+    for graph in module._geonorm_graphs.values():
+        graph.lint()
     assert report.blocks_per_stream == per_stream
     assert [s.block for s in report.sites] == blocks
     assert [s.decay for s in report.sites] == pytest.approx(decays)

@@ -40,6 +40,8 @@ def test_random_stacks_match_ground_truth_and_reference(case):
     model = MixedStack(**config).eval()
     toks = tokens(batch=2, seq=5, seed=seed)
     module = gf.convert(model, (toks,), tracer=tracer, schedule=schedule).eval()
+    for graph in module._geonorm_graphs.values():
+        graph.lint()
     report = module.geonorm_report
     assert report.counts() == model.expected_counts()
     depth = len(config["placements"])

@@ -40,14 +40,6 @@ _VALUE_PRESERVING_METHODS = {"to", "type", "float", "half", "bfloat16", "double"
 _VALUE_PRESERVING_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                              nn.FeatureAlphaDropout, nn.Identity)
 _TUPLE_DROPOUT_ATEN = {aten.native_dropout.default}
-_DROPOUT_CALLS = frozenset({aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-                            aten.feature_alpha_dropout.default, aten.native_dropout.default, F.dropout, F.dropout1d,
-                            F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout})
-
-
-def is_dropout(node: fx.Node) -> bool:
-    """A dropout call (function or aten op; modules are compared as modules)."""
-    return node.op == "call_function" and node.target in _DROPOUT_CALLS
 
 _CAST_ATEN = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
               aten.type_as.default}
@@ -122,6 +114,7 @@ class GraphView:
         self.modules = dict(gm.named_modules())
         self._root_cache: dict[fx.Node, fx.Node] = {}
         self._users_cache: dict[fx.Node, list[fx.Node]] = {}
+        self._inputs_cache: dict[fx.Node, list[fx.Node]] = {}  # a view is built after the graph's last change
 
     # ----- generic node facts -------------------------------------------------------------------
     def matches(self, node: fx.Node, spelling: tuple[set, set, set]) -> bool:
@@ -163,7 +156,7 @@ class GraphView:
         if any(s is None for s in shapes):
             return True
         first = shapes[0]
-        return bool(first) and all(len(s) == len(first) and all(same_size(a, b) for a, b in zip(s, first))
+        return bool(first) and all(len(s) == len(first) and all(_same_size(a, b) for a, b in zip(s, first))
                                    for s in shapes[1:])
 
     def last_dim(self, node):
@@ -198,6 +191,12 @@ class GraphView:
 
     def data_inputs(self, node: fx.Node) -> list[fx.Node]:
         """Inputs whose values flow into ``node`` (shape-only reads and number-valued inputs excluded)."""
+        cached = self._inputs_cache.get(node)
+        if cached is None:
+            cached = self._inputs_cache[node] = self._data_inputs(node)
+        return cached
+
+    def _data_inputs(self, node: fx.Node) -> list[fx.Node]:
         if self.is_shape_only(node) or not self.carries_data(node):
             return []
         meta = (_META_ARGS_ATEN.get(node.target) if node.op == "call_function"
@@ -256,7 +255,7 @@ class GraphView:
         a, b = self.shape(src), self.shape(node)
         if a is None or b is None or not a or not b:
             return None
-        same_last = same_size(a[-1], b[-1])
+        same_last = _same_size(a[-1], b[-1])
         return src if same_last else None
 
     def root(self, node: fx.Node) -> fx.Node:
@@ -475,8 +474,7 @@ def _clean_path(path: str) -> str:
     return p.strip(".")
 
 
-def same_size(a, b) -> bool:
-    """Equal sizes, ints or SymInts (structural comparison first, the shape environment only if needed)."""
+def _same_size(a, b) -> bool:
     # Symbolic sizes: identical expressions decide at once; `a == b` on SymInts goes through the shape
     # environment's guard machinery, which dominated the pass's run time on deep models.
     expr_a, expr_b = getattr(getattr(a, "node", None), "expr", a), getattr(getattr(b, "node", None), "expr", b)
