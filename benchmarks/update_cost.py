@@ -6,8 +6,9 @@ in one process (medians of --reps calls after warm-up):
              step with autograd on (the functional path training uses: tangent and output separate tensors)
   compile    torch.compile of ``x + s`` and of the step (one fused kernel)
   ort        ONNX Runtime CPU, ORT_ENABLE_ALL, of a one-op model ``x + s`` and of a one-update model
-and prints milliseconds per call and the extra cost of an update over an add. The whole-model overhead is
-``sites x extra`` over the forward time (``benchmarks/overhead.py`` measures that side by side).
+and prints milliseconds per call and the extra cost of an update over an add. ``sites x extra`` over the
+forward time bounds the whole-model overhead from above: alone, each call's fresh output buffer is new memory,
+inside a forward the allocator reuses it (``benchmarks/overhead.py`` measures the models side by side).
 
 Usage: python benchmarks/update_cost.py [--shape 4,256,512] [--reps 50] [--json benchmarks/results/update_cost.json]
 """
@@ -43,33 +44,27 @@ class Update(nn.Module):
         return self.geo(x, s)
 
 
+def _no_grad(fn, x, s):
+    def call():
+        with torch.no_grad():
+            fn(x, s)
+    return call
+
+
 def _eager(x, s, reps):
     add, update = Add(), Update()
-
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                fn(x, s)
-        return call
 
     def taped():
         update(x, s).sum()  # autograd on: the step records a graph through scale and bias
 
-    return interleaved({"add": no_grad(add), "update (no autograd)": no_grad(update),
+    return interleaved({"add": _no_grad(add, x, s), "update (no autograd)": _no_grad(update, x, s),
                         "update (autograd on)": taped}, reps, warmup=5)
 
 
 def _compiled(x, s, reps):
     torch._dynamo.reset()
     add, update = torch.compile(Add()), torch.compile(Update())
-
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                fn(x, s)
-        return call
-
-    return interleaved({"add": no_grad(add), "update": no_grad(update)}, reps, warmup=5)
+    return interleaved({"add": _no_grad(add, x, s), "update": _no_grad(update, x, s)}, reps, warmup=5)
 
 
 def _ort(x, s, reps):

@@ -114,7 +114,9 @@ class GraphView:
         self.modules = dict(gm.named_modules())
         self._root_cache: dict[fx.Node, fx.Node] = {}
         self._users_cache: dict[fx.Node, list[fx.Node]] = {}
-        self._inputs_cache: dict[fx.Node, list[fx.Node]] = {}  # a view is built after the graph's last change
+        # both caches hold while the graph is unchanged: the analysis never edits it, and the rewrite's view
+        # only asks is_shape_only
+        self._inputs_cache: dict[fx.Node, list[fx.Node]] = {}
 
     # ----- generic node facts -------------------------------------------------------------------
     def matches(self, node: fx.Node, spelling: tuple[set, set, set]) -> bool:
