@@ -38,26 +38,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import geonorm_fx as gf  # noqa: E402
 from models import table_model  # noqa: E402
-from timing import interleaved, machine, peak_memory_bytes, quantile, ratio_summary  # noqa: E402
+from timing import interleaved, machine, no_grad_call, peak_memory_bytes, quantile, ratio_summary  # noqa: E402
 
 TARGETS = {"eager": 1.10, "compile": 1.03, "ort": 1.05, "memory": 1.05}
 
 
-def _no_grad(fn, *args):
-    cuda = any(a.is_cuda for a in args)
-
-    def call():
-        with torch.no_grad():
-            out = fn(*args)
-        if cuda:
-            torch.cuda.synchronize()
-        return out
-    return call
-
-
 def eager(source, converted, args, reps, captured):
-    times = interleaved({"s": _no_grad(source, *args), "c": _no_grad(converted, *args),
-                         "k": _no_grad(captured, *args)}, reps)
+    times = interleaved({"s": no_grad_call(source, *args), "c": no_grad_call(converted, *args),
+                         "k": no_grad_call(captured, *args)}, reps)
     row = ratio_summary(**_pair(times))
     row["vs_captured"] = ratio_summary(times["k"], times["c"])["ratio"]
     return row
@@ -66,8 +54,8 @@ def eager(source, converted, args, reps, captured):
 def compiled(source, converted, args, reps, captured):
     torch._dynamo.reset()
     fast_source, fast_converted = torch.compile(source), torch.compile(converted)
-    return ratio_summary(**_pair(interleaved({"s": _no_grad(fast_source, *args),
-                                              "c": _no_grad(fast_converted, *args)}, reps)))
+    return ratio_summary(**_pair(interleaved({"s": no_grad_call(fast_source, *args),
+                                              "c": no_grad_call(fast_converted, *args)}, reps)))
 
 
 def onnx_runtime(source, converted, args, reps, captured, pairs: int = 5):
@@ -101,7 +89,7 @@ def onnx_runtime(source, converted, args, reps, captured, pairs: int = 5):
 
 
 def memory(source, converted, args, reps, captured):
-    s, c, k = (peak_memory_bytes(_no_grad(m, *args), args[0].device) for m in (source, converted, captured))
+    s, c, k = (peak_memory_bytes(no_grad_call(m, *args), args[0].device) for m in (source, converted, captured))
     return {"source_mb": s / 2**20, "converted_mb": c / 2**20, "ratio": c / s, "vs_captured": c / k}
 
 

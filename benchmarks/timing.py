@@ -23,6 +23,20 @@ def interleaved(fns: dict, reps: int = 20, warmup: int = 3) -> dict[str, list[fl
     return times
 
 
+def no_grad_call(fn, *args):
+    """A no-argument function that runs ``fn(*args)`` under ``torch.no_grad`` (and waits for the GPU when an
+    argument is on CUDA), for :func:`interleaved` and :func:`peak_memory_bytes`."""
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+    def call():
+        with torch.no_grad():
+            out = fn(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+    return call
+
+
 def quantile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values``, linear interpolation."""
     ordered = sorted(values)

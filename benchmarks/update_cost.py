@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import geonorm_fx as gf  # noqa: E402
-from timing import interleaved, machine, quantile  # noqa: E402
+from timing import interleaved, machine, no_grad_call, quantile  # noqa: E402
 
 
 class Add(nn.Module):
@@ -44,27 +44,20 @@ class Update(nn.Module):
         return self.geo(x, s)
 
 
-def _no_grad(fn, x, s):
-    def call():
-        with torch.no_grad():
-            fn(x, s)
-    return call
-
-
 def _eager(x, s, reps):
     add, update = Add(), Update()
 
     def taped():
         update(x, s).sum()  # autograd on: the step records a graph through scale and bias
 
-    return interleaved({"add": _no_grad(add, x, s), "update (no autograd)": _no_grad(update, x, s),
+    return interleaved({"add": no_grad_call(add, x, s), "update (no autograd)": no_grad_call(update, x, s),
                         "update (autograd on)": taped}, reps, warmup=5)
 
 
 def _compiled(x, s, reps):
     torch._dynamo.reset()
     add, update = torch.compile(Add()), torch.compile(Update())
-    return interleaved({"add": _no_grad(add, x, s), "update": _no_grad(update, x, s)}, reps, warmup=5)
+    return interleaved({"add": no_grad_call(add, x, s), "update": no_grad_call(update, x, s)}, reps, warmup=5)
 
 
 def _ort(x, s, reps):
