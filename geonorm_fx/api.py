@@ -98,7 +98,8 @@ def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_
     for i, s in enumerate(analysis.sites):
         if i in chosen:
             sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[i],
-                              path=s.path, node=s.sum.name, stream=s.stream))
+                              path=s.path, node=s.sum.name, stream=s.stream,
+                              norm_path=s.norm.path))
         else:
             skipped.append(Skip(reason=f"{s.kind} site left as it is: kind {s.kind!r} not in "
                                        f"kinds={sorted(kind_set or ())}", node=s.sum.name, path=s.path))

@@ -17,7 +17,7 @@ class Site:
     0-based block index along its residual stream; ``decay``: the block's decay constant; ``path``:
     module path of the block (``""`` when the graph carries none); ``node``: the graph node of the
     residual add; ``stream``: which residual stream (0 unless the model has several);
-    ``rewritten``: whether ``convert`` replaced it (``kinds=`` may leave some as they are).
+    ``norm_path``: module path of the site's named norm (``""`` when the graph carries none).
     """
 
     kind: str
@@ -27,6 +27,7 @@ class Site:
     path: str = ""
     node: str = ""
     stream: int = 0
+    norm_path: str = ""
 
 
 @dataclass(frozen=True)
