@@ -515,7 +515,7 @@ def run_one(entry: dict) -> dict:
     t = time.perf_counter()
     res = run_checked(module.eval(), new_args, new_kwargs)
     if res["error"] is not None:
-        if "Guard failed" in res["error"]:  # the capture's own shape guards reject the new shape
+        if "Guard failed" in res["error"] or "InputShapeError" in res["error"]:  # the capture fixed that shape
             rec["new_batch_only"] = run_checked(module, *batch_inputs)
             return done("static", "run", "torch.export guarded the input shape: " + res["error"])
         return done("run", "run", res["error"] + " | " + res["where"])
@@ -536,7 +536,29 @@ def run_one(entry: dict) -> dict:
         return done("no-reason", "report", "no site found and the report gives no reason")
     if res["n_updates_called"] < rec["n_sites"]:
         return done("run", "run", f"only {res['n_updates_called']} of {rec['n_sites']} updates ran")
+    if ORACLES:
+        t = time.perf_counter()
+        rec["oracle"] = oracle_verdict(model, args, kwargs, rep)
+        rec["seconds"]["oracles"] = round(time.perf_counter() - t, 2)
     return done("ok")
+
+
+def oracle_verdict(model, args: tuple, kwargs: dict, report) -> dict:
+    """``gf.check_sites`` on the source model (its own capture of an affine-free, tiny-eps copy): the Pre-Norm
+    and Post-Norm identities and the module-tree cross-check judge the sites; ``agree`` also needs the oracle's
+    site list to be the converted module's (kind, stream, block per site)."""
+    import geonorm_fx as gf
+    try:
+        res = gf.check_sites(model, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - recorded as a disagreement with its cause
+        return {"agree": False, "error": _short(e), "disagreements": [f"the oracle failed: {_short(e)}"]}
+    disagreements = list(res.disagreements)
+    ours = [(s.kind, s.stream, s.block) for s in report.sites]
+    theirs = [(s.kind, s.stream, s.block) for s in res.report.sites]
+    if ours != theirs:
+        disagreements.append(f"the oracle's capture found other sites ({len(theirs)} vs {len(ours)})")
+    return {"agree": not disagreements, "pre_gap": res.pre_gap, "post_gap": res.post_gap,
+            "disagreements": disagreements[:6], "notes": list(res.notes)[:6], "error": None}
 
 
 def run_checked(module, args: tuple, kwargs: dict) -> dict:
@@ -558,6 +580,7 @@ def run_checked(module, args: tuple, kwargs: dict) -> dict:
 
 
 FULL_CAPTURE = False
+ORACLES = True
 
 
 def export(model, args: tuple, kwargs: dict):
@@ -706,7 +729,15 @@ def summary(results: list[dict]) -> dict:
     good = [r for r in captured if r["status"] in ("ok", "zero-site") and owner(r) != "ours"]
     admitted = [r for r in captured if r["status"] == "static" and (r.get("new_batch_only") or {}).get("ok")
                 and (r.get("n_sites") or r.get("skipped"))]
+    checked = [r for r in dynamic if r["status"] == "ok" and r.get("oracle") is not None]
+    verified = [r for r in checked if r["oracle"].get("agree")]
+    zero = [r for r in good if r["status"] == "zero-site"]
     return {"architectures": len(results), "built": len(results) - by["build"] - by["timeout"] - by["crash"],
+            # converted, and every oracle (identities, module tree) agrees with the sites rewritten
+            "verified": len(verified), "oracle_checked": len(checked),
+            "oracle_disagree": [r["name"] for r in checked if not r["oracle"].get("agree")],
+            # of the dynamic captures: verified conversions plus zero-site models that say why
+            "verified_coverage": round((len(verified) + len(zero)) / len(dynamic), 4) if dynamic and checked else None,
             "captured": len(captured), "captured_dynamic": len(dynamic), "ok": by["ok"],
             "zero_site_with_reason": sum(1 for r in good if r["status"] == "zero-site"),
             # of the architectures torch.export captures with dynamic batch/sequence dims
@@ -736,11 +767,22 @@ def row(r: dict) -> str:
         err = f"{KNOWN[r['name']][1]} ({err[:80]})" if err else KNOWN[r["name"]][1]
     fin = {True: "yes", False: "no", None: "-"}[r.get("finite")]
     return (f"| {r['name']} | {r['cls']} | {r['status']} | {sites} | {skipped} | {fin} | {gap} | "
-            f"{secs if secs is not None else '-'} | {owner(r)} | {err or '-'} |")
+            f"{oracle_cell(r)} | {secs if secs is not None else '-'} | {owner(r)} | {err or '-'} |")
+
+
+def oracle_cell(r: dict) -> str:
+    o = r.get("oracle")
+    if o is None:
+        return "-"
+    gaps = ", ".join(f"{k} {o[k + '_gap']:.0e}" for k in ("pre", "post") if o.get(k + "_gap") is not None)
+    if o.get("agree"):
+        return f"agree ({gaps})" if gaps else "agree (module tree)"
+    why = "; ".join(o.get("disagreements") or [o.get("error") or "?"])
+    return ("DISAGREE: " + why).replace("|", "\\|").replace("\n", " ")[:200]
 
 
 HEADER = ("| model type | class | status | sites | skipped norms | finite | max \\|\\|out\\|-\\|x\\||/\\|x\\| | "
-          "time (s) | owner | error / reason |\n|---|---|---|---|---|---|---|---|---|---|")
+          "oracles | time (s) | owner | error / reason |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def environment() -> dict:
@@ -776,6 +818,12 @@ def write_outputs(results: list[dict], env: dict, json_path: str, md_path: str |
                     f"captures run fine at a new batch size with the captured sequence length (sites or a "
                     f"stated reason): {summ['coverage_admitted_shapes']:.1%} of all captures convert and run at a "
                     f"new shape their capture accepts.\n\n")
+        if summ.get("verified_coverage") is not None:
+            f.write(f"**Verified coverage {summ['verified_coverage']:.1%}**: {summ['verified']} of the "
+                    f"{summ['oracle_checked']} converted architectures pass every oracle (Pre-Norm / Post-Norm "
+                    f"identity, module-tree cross-check), plus {summ['zero_site_with_reason']} zero-site "
+                    f"architectures that say why, of {summ['captured_dynamic']} dynamic captures. Disagreements: "
+                    f"{', '.join(summ['oracle_disagree']) or 'none'}.\n\n")
         f.write(HEADER + "\n")
         for r in results:
             f.write(row(r) + "\n")
@@ -794,6 +842,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full-capture", action="store_true",
                     help="call gf.inspect/gf.convert on the nn.Module (three captures: inspect, eval, train) "
                          "instead of on one shared torch.export capture")
+    ap.add_argument("--no-oracles", action="store_true",
+                    help="skip gf.check_sites (the identities and the module-tree cross-check) on converted models")
     ap.add_argument("--resume", action="store_true",
                     help="skip the architectures already recorded in the --json file's .partial.jsonl log "
                          "(every result is appended there as it completes) and report them with the new ones")
@@ -808,8 +858,9 @@ def main(argv=None) -> int:
             data = json.load(f)
         print(json.dumps(write_outputs(data["results"], data["environment"], opts.json, opts.md)))
         return 0
-    global FULL_CAPTURE
+    global FULL_CAPTURE, ORACLES
     FULL_CAPTURE = opts.full_capture
+    ORACLES = not opts.no_oracles
     signal.signal(signal.SIGTERM, _terminate)
     warm_up()
 

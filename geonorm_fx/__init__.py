@@ -6,10 +6,11 @@ geodesic updates (arXiv 2601.22095), as an fx compiler pass.
     module = gf.convert(model, (input_ids,))        # an ordinary, trainable nn.Module
 """
 from .api import convert, inspect
-from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InvalidInputError,
-                     NoSitesError, ScheduleError)
+from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InputShapeError,
+                     InvalidInputError, NoSitesError, ScheduleError)
 from .geodesic import GeodesicUpdate, geodesic_step
-from .identity import prenorm_identity_gap
+from .identity import identity_gap, prenorm_identity_gap
+from .oracles import OracleResult, StructuralCheck, check_sites, structural_check
 from .module import GeoNormModule
 from .report import Report, Site, Skip
 from .schedules import decay_constants
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "inspect", "convert", "Report", "Site", "Skip", "geodesic_step", "GeodesicUpdate", "decay_constants",
-    "GeoNormModule", "prenorm_identity_gap", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
-    "ConversionError", "GeoNormWarning",
+    "GeoNormModule", "prenorm_identity_gap", "identity_gap", "structural_check", "StructuralCheck",
+    "check_sites", "OracleResult", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
+    "ConversionError", "GeoNormWarning", "InputShapeError",
 ]

@@ -29,7 +29,8 @@ def inspect(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
     cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, modes=("eval",))
     analysis = analyze(GraphView(cap.graphs["eval"]))
     decays = _decays(schedule, analysis)
-    return _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic)
+    report = _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic)
+    return _with_shapes(report, cap)
 
 
 def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", clamp: float = math.pi / 4,
@@ -88,7 +89,14 @@ def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: f
         _delete(root, target)
     report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set)
     report.removed_parameters = sorted(removed)
-    return GeoNormModule(cap.graphs, report)
+    return GeoNormModule(cap.graphs, _with_shapes(report, cap), inputs=cap.inputs, training=cap.training)
+
+
+def _with_shapes(report: Report, cap: Captured) -> Report:
+    """The capture's input dims: which stayed dynamic, which it fixed (see :class:`Report`)."""
+    report.dynamic_dims = cap.dynamic_dims()
+    report.fixed_dims = cap.fixed_dims()
+    return report
 
 
 def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_set=None) -> Report:

@@ -28,3 +28,9 @@ class ConversionError(GeoNormError):
 
 class GeoNormWarning(UserWarning):
     """A conversion went ahead with a compromise the user should know about (e.g. static shapes)."""
+
+
+class InputShapeError(GeoNormError, ValueError):
+    """A converted module was called with an input whose shape its capture does not accept: a size at a
+    dim the capture fixed (static), outside the bounds torch.export put on a dynamic dim, or another
+    number of dims. The message names the input, the dim, both sizes and how to fix it."""

@@ -3,8 +3,13 @@
 It owns the source's parameters and buffers under their original names (``state_dict`` keys are
 kept) and the geodesic updates under one submodule. ``forward`` runs the graph captured in the
 current mode (``self.training``), so ``.train()`` / ``.eval()`` switch dropout and every other
-mode-dependent behaviour. It deep-copies, moves between devices, and is traced again by
-torch.export / torch.compile like any module.
+mode-dependent behaviour. It starts in the source model's mode. It deep-copies, moves between devices,
+and is traced again by torch.export / torch.compile like any module.
+
+Inputs are checked before the graph runs (a few integer comparisons per tensor input): a size at a dim
+the capture fixed, a size outside the bounds torch.export put on a dynamic dim, or another number of
+dims raises :class:`InputShapeError` naming the input, the dim, both sizes and the fix, instead of
+torch.export's bare guard ``AssertionError`` or a wrong-shaped result.
 """
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import copy
 import inspect
 import itertools
 import linecache
+import sys
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from .errors import GeoNormError
+from .errors import GeoNormError, InputShapeError
 from .report import Report
 
 _counter = itertools.count()
@@ -25,7 +32,10 @@ _counter = itertools.count()
 class GeoNormModule(nn.Module):
     """A model rewritten by :func:`geonorm_fx.convert`; ``geonorm_report`` says what was rewritten."""
 
-    def __init__(self, graphs: dict[str, fx.GraphModule], report: Report):
+    def __init__(self, graphs: dict[str, fx.GraphModule], report: Report, inputs=None, training: bool = True):
+        """``inputs``: the captured tensor inputs' shapes (``Captured.inputs``, a list of
+        :class:`~geonorm_fx.capture.InputShape`) that calls are checked against, ``None`` for no check;
+        ``training``: the mode the module starts in (the source's)."""
         super().__init__()
         root = graphs["eval"] if "eval" in graphs else next(iter(graphs.values()))
         for name, child in root.named_children():
@@ -39,7 +49,9 @@ class GeoNormModule(nn.Module):
                 setattr(self, attr, getattr(root, attr))
         self._geonorm_graphs = {mode: self._adopt(mode, gm, root) for mode, gm in graphs.items()}
         self.geonorm_report = report
+        self._geonorm_input_checks = _input_checks(inputs)
         self._compile()
+        self.train(training)
 
     def _adopt(self, mode: str, gm: fx.GraphModule, root: fx.GraphModule) -> fx.Graph:
         """Make every attribute the graph reads resolvable on ``self``; an attribute whose name is
@@ -69,7 +81,8 @@ class GeoNormModule(nn.Module):
             # a mode whose graph computes the same program (no dropout, no mode-dependent op) reuses
             # the other mode's code: generating and compiling it is most of the pass's time
             twin = next((m for m in forwards if _same_program(self, self._geonorm_graphs[m], graph)), None)
-            forwards[mode] = forwards[twin] if twin is not None else _compile_graph(graph)
+            forwards[mode] = forwards[twin] if twin is not None else _compile_graph(
+                graph, getattr(self, "_geonorm_input_checks", ()))
         self._geonorm_forward = forwards
         signature = inspect.signature(self._geonorm_forward.get("eval") or next(iter(self._geonorm_forward.values())))
 
@@ -85,12 +98,14 @@ class GeoNormModule(nn.Module):
                                                        "_geonorm_per_instance": True})
 
     def dynamic_dims(self) -> list[list[int]]:
-        """For each tensor input (in flattened order), the dims the capture kept dynamic."""
+        """For each tensor input (in flattened order), the dims the capture kept dynamic (symbolic; a
+        dim torch.export fixed stays a ``SymInt`` of a constant and is not listed)."""
         out = []
         for node in self._geonorm_graphs["eval" if "eval" in self._geonorm_graphs else "train"].nodes:
             val = node.meta.get("val") if node.op == "placeholder" else None
             if isinstance(val, torch.Tensor):
-                out.append([d for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)])
+                out.append([d for d, size in enumerate(val.shape)
+                            if isinstance(size, torch.SymInt) and free_symbols(size)])
         return out
 
     @property
@@ -120,8 +135,83 @@ class GeoNormModule(nn.Module):
             "torch.export.save(torch.export.export(module, args), path)")
 
 
-def _compile_graph(graph: fx.Graph):
-    code = graph.python_code(root_module="self")
+def _input_checks(inputs) -> tuple:
+    """The per-call shape checks of the captured inputs, as a literal the generated code embeds:
+    ``(placeholder index, name, rank, ((dim, low, high), ...), requested dims)``; a
+    fixed dim has ``low == high``, a dynamic one appears only where torch.export bounded it."""
+    checks = []
+    for i in inputs or ():
+        bounds = []
+        for d, size in enumerate(i.shape):
+            if size is not None:
+                bounds.append((d, int(size), int(size)))
+            elif d in i.bounds:
+                low, high = i.bounds[d]
+                bounds.append((d, int(low), sys.maxsize if high is None else int(high)))
+        checks.append((i.index, i.name, len(i.shape), tuple(bounds), tuple(i.requested)))
+    return tuple(checks)
+
+
+def check_input_shapes(checks: tuple, *values) -> None:
+    """Called first by the generated forward with the flattened inputs ``checks`` name; raises
+    :class:`InputShapeError` on a mismatch. Symbolic sizes (a re-export or torch.compile tracing the
+    module) are not compared, so the check adds no guard of its own."""
+    for check, value in zip(checks, values):
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            continue
+        if len(shape) != check[2]:
+            raise _shape_error(check, tuple(shape), None)
+        for d, low, high in check[3]:
+            n = shape[d]
+            if type(n) is int and (n < low or n > high):
+                raise _shape_error(check, tuple(shape), d)
+
+
+def _shape_error(check: tuple, shape: tuple, dim: int | None) -> InputShapeError:
+    _, name, rank, bounds, requested = check
+    if dim is None:
+        fixed = {d: lo for d, lo, hi in bounds if lo == hi}
+        captured = "[" + ", ".join(str(fixed[d]) if d in fixed else "*" for d in range(rank)) + "]"
+        return InputShapeError(
+            f"input {name!r} has {len(shape)} dims (shape {list(shape)}), but the converted module was "
+            f"captured for {rank} dims (shape {captured}, * = any size). Fix: pass a tensor with {rank} "
+            f"dims, or convert again with an example input of the rank you will use")
+    low, high = next((lo, hi) for d, lo, hi in bounds if d == dim)
+    given = shape[dim]
+    if low == high:
+        why = ("torch.export fixed it although it was asked to keep it dynamic (the conversion warned; "
+               "see report.fixed_dims)" if dim in requested else
+               "the captured graph is specialised to that size there (a feature or channel dim the "
+               "model's weights fix, a dim convert(dynamic=True) does not make dynamic: it asks for dims "
+               "0 and 1, or a static capture: dynamic=False or a failed dynamic capture)")
+        return InputShapeError(
+            f"input {name!r} dim {dim} has size {given}, but the converted module was captured with that "
+            f"dim fixed to {low}: {why}. Fix: convert again with an example whose dim {dim} has size "
+            f"{given}, or make the dim dynamic: convert with dynamic=True, remove what ties it to a constant "
+            f"(a shape check such as x.shape[{dim}] == {low}, a fixed-size buffer or position table used "
+            f"whole), and use example sizes >= 2")
+    limit = f"{low}..{high}" if high != sys.maxsize else f">= {low}"
+    example_why = f", e.g. a table of {high} positions sliced to the length" if high != sys.maxsize else ""
+    return InputShapeError(
+        f"input {name!r} dim {dim} has size {given}, but the converted module accepts sizes {limit} there "
+        f"(torch.export bounded the dynamic dim{example_why}). Fix: pass a size in {limit}, or convert a "
+        f"model that accepts the size you need")
+
+
+def _compile_graph(graph: fx.Graph, checks: tuple = ()):
+    check_node = None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    checks = tuple(c for c in checks if c[0] < len(placeholders))
+    if checks:  # only while generating code: the stored graph stays the captured program
+        with graph.inserting_after(placeholders[-1]):
+            check_node = graph.call_function(
+                check_input_shapes, (checks, *(placeholders[c[0]] for c in checks)))
+    try:
+        code = graph.python_code(root_module="self")
+    finally:
+        if check_node is not None:
+            graph.erase_node(check_node)
     filename = f"<geonorm_fx generated forward {next(_counter)}>"
     linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
     namespace = dict(code.globals)

@@ -41,7 +41,28 @@ class Skip:
 
 @dataclass
 class Report:
-    """The result of :func:`geonorm_fx.inspect` / :func:`geonorm_fx.convert`."""
+    """The result of :func:`geonorm_fx.inspect` / :func:`geonorm_fx.convert`.
+
+    Shapes: with ``dynamic=True`` the capture asks torch.export to keep the batch and sequence dims of
+    every tensor input dynamic (dims 0 and 1; dim 0 alone for inputs of 4 or more dims, whose dim 1 is
+    channels or heads; for a converted module, the dims its capture kept). torch.export may fix some of
+    them anyway (a shape check, a fixed-size table, a size-1 example) without failing. The last dim of
+    a floating-point input is a feature dim (a ``(batch, features)`` input, a bias vector): it is asked
+    for too, but its being fixed by the weights it meets is expected, so it does not count below.
+
+    - ``dynamic_dims``: ``{input name: dims that are dynamic in the captured graph}`` for every tensor
+      input, read back from the graph (names are forward arguments, with a path for nested inputs:
+      ``"x"``, ``"pair[0]"``, ``"batch['ids']"``). Empty with ``tracer="fx"``, whose graphs do not
+      record shapes (they are traced symbolically and not specialised to the example).
+    - ``fixed_dims``: ``{input name: {dim: size}}``, the counted dims (batch and sequence, not feature
+      dims) asked to be dynamic that the capture fixed to the example's size (a
+      :class:`GeoNormWarning` names them at capture time).
+    - ``dynamic``: True exactly when a dynamic capture was asked for, it succeeded, and every counted
+      dim stayed dynamic (``fixed_dims`` is empty): then the result accepts other batch sizes and
+      sequence lengths. False for a static capture (``dynamic=False``, a failed dynamic capture)
+      and for ``tracer="fx"``. For a given ``ExportedProgram`` / GraphModule (nothing asked for): True
+      when some input dim is dynamic.
+    """
 
     sites: list[Site] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
@@ -51,6 +72,8 @@ class Report:
     dynamic: bool = True
     removed_parameters: list[str] = field(default_factory=list)
     blocks_per_stream: list[int] = field(default_factory=list)
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    fixed_dims: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of sites by kind, e.g. ``{"pre": 8}``."""
@@ -68,6 +91,8 @@ class Report:
             "dynamic": self.dynamic,
             "removed_parameters": list(self.removed_parameters),
             "blocks_per_stream": list(self.blocks_per_stream),
+            "dynamic_dims": {name: list(dims) for name, dims in self.dynamic_dims.items()},
+            "fixed_dims": {name: {str(d): n for d, n in dims.items()} for name, dims in self.fixed_dims.items()},
         }
 
     def to_json(self, **kwargs) -> str:
@@ -87,6 +112,9 @@ class Report:
             lines.append(f"{len(self.skipped)} norm(s) skipped:")
             lines += _table([("node", "path", "reason")]
                             + [(s.node, s.path or "-", s.reason) for s in self.skipped])
+        if self.fixed_dims:
+            lines.append("input dims fixed by the capture (asked to be dynamic): " + ", ".join(
+                f"{name}[{d}]={n}" for name, dims in self.fixed_dims.items() for d, n in dims.items()))
         if self.removed_parameters:
             lines.append("removed parameters (post-norms): " + ", ".join(self.removed_parameters))
         return "\n".join(lines)

@@ -90,3 +90,104 @@ def test_kwargs_inputs():
     module = gf.convert(KW(), (x,), {"bias": b}).eval()
     assert module.geonorm_report.counts() == {"pre": 1}
     assert module(torch.randn(4, 5, 8), bias=b).shape == (4, 5, 8)
+
+
+class _InPlaceBlock(nn.Module):
+    """A Pre-Norm block; ``inplace`` writes the residual add as ``x.add_(...)`` without rebinding x."""
+
+    def __init__(self, d, inplace):
+        super().__init__()
+        self.norm, self.f = nn.LayerNorm(d), nn.Linear(d, d)
+        self.inplace = inplace
+
+    def forward(self, x):
+        if self.inplace:
+            x.add_(self.f(self.norm(x)))
+            return x
+        x = x + self.f(self.norm(x))
+        return x
+
+
+class _InPlaceStack(nn.Module):
+    def __init__(self, inplace, d=8, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(_InPlaceBlock(d, inplace) for _ in range(depth))
+        self.final = nn.LayerNorm(d)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.final(x)
+
+
+def test_fx_tracer_functionalizes_in_place_residual_adds():
+    """symbolic_trace leaves later nodes reading the original x after ``x.add_(...)``; the capture makes
+    the op out-of-place and points them at its result, so the rewritten add is not thrown away."""
+    inplace = _InPlaceStack(True).eval()
+    plain = _InPlaceStack(False).eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.randn(2, 5, 8)
+    a = gf.convert(inplace, (x,), tracer="fx")
+    b = gf.convert(plain, (x,), tracer="fx")
+    assert a.geonorm_report.counts() == b.geonorm_report.counts() == {"pre": 3}
+    assert not any(n.target == "add_" for n in a.graph.nodes)
+    x2 = torch.randn(3, 7, 8)
+    before = x2.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x2), b(x2), rtol=0, atol=0)
+        assert not torch.allclose(a(x2), inplace(x2.clone()))  # the updates ran: not the source's output
+    assert torch.equal(x2, before)  # the converted module no longer mutates its input
+
+
+def test_fx_tracer_functionalizes_chains_and_keeps_the_result():
+    class Chain(nn.Module):
+        def forward(self, x, y):
+            h = x * 1.0          # a fresh tensor, mutated three times
+            h.add_(y).mul_(2)
+            torch.relu_(h)
+            return h + x
+
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    cap = capture(Chain(), (x, y), tracer="fx", modes=("eval",))
+    gm = cap.graphs["eval"]
+    assert not [n for n in gm.graph.nodes if str(n.target).endswith("_")]
+    torch.testing.assert_close(gm(x, y), Chain()(x, y))
+
+
+def test_fx_tracer_refuses_to_functionalize_a_view_mutation():
+    class ViewMutation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.f = nn.LayerNorm(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            x[:, 0].add_(self.f(self.norm(x))[:, 0])
+            return x
+
+    with pytest.raises(gf.CaptureError, match=r"add_.*view.*tracer='export'"):
+        gf.convert(ViewMutation(), (torch.randn(2, 3, 4),), tracer="fx")
+
+    class EarlyView(nn.Module):
+        def forward(self, x):
+            t = x.transpose(0, 1)
+            x.mul_(2)
+            return t + 1
+
+    with pytest.raises(gf.CaptureError, match=r"view of it made earlier.*tracer='export'"):
+        capture(EarlyView(), (torch.randn(2, 3),), tracer="fx", modes=("eval",))
+    # the default tracer captures both exactly
+    module = gf.convert(ViewMutation(), (torch.randn(2, 3, 4),))
+    assert module.geonorm_report.tracer == "export"
+
+
+def test_fx_functionalization_keeps_the_in_place_dtype():
+    class Mixed(nn.Module):
+        def forward(self, x, y):
+            h = x * 1
+            h.add_(y)  # a float16 tensor plus a float32 one, in place: stays float16
+            return torch.nn.functional.relu(h, inplace=True)
+
+    x, y = torch.randn(2, 3).half(), torch.randn(2, 3)
+    gm = capture(Mixed(), (x, y), tracer="fx", modes=("eval",)).graphs["eval"]
+    assert gm(x, y).dtype == torch.float16
+    torch.testing.assert_close(gm(x, y), Mixed()(x.clone(), y), rtol=0, atol=0)

@@ -56,3 +56,31 @@ def test_identity_refuses_post_norm_models():
     with pytest.raises(gf.GeoNormError, match="pure Pre-Norm"):
         gf.prenorm_identity_gap(Stack(PostNormBlock, depth=2, final_norm=False).eval(), (tokens(),))
 
+
+
+def test_identity_gap_applies_both_identities():
+    """``identity_gap`` (CONTRACT additions): the Pre-Norm identity on pre sites, the Post-Norm identity on
+    post sites, on an affine-free copy; the source model is not changed."""
+    post = Stack(PostNormBlock, depth=3, spelling="hand_rms").eval()
+    before = {k: v.clone() for k, v in post.state_dict().items()}
+    assert gf.identity_gap(post, (tokens(),)) < 1e-3
+    assert all(torch.equal(v, post.state_dict()[k]) for k, v in before.items())
+    assert gf.identity_gap(Stack(PreNormBlock, depth=3).eval(), (tokens(),)) < 1e-3
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=False)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    assert gf.identity_gap(enc, (torch.randn(2, 5, 16),)) < 1e-3
+
+
+def test_identity_gap_needs_no_hand_made_small_eps():
+    """The copy gets eps 1e-12 from the module tree, so large norm epsilons do not blur the identity."""
+    model = Stack(PreNormBlock, depth=3).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 0.5
+    assert gf.prenorm_identity_gap(model, (tokens(),)) < 1e-3
+    assert model.blocks[0].norm1.eps == 0.5
+
+
+def test_identity_module_keeps_its_names():
+    from geonorm_fx.identity import identity_gap, prenorm_identity_gap
+    assert identity_gap is gf.identity_gap and prenorm_identity_gap is gf.prenorm_identity_gap

@@ -62,8 +62,8 @@ def test_exported_program_keeps_its_dynamic_shapes():
 
 def test_depth_scaled_residual_is_a_site():
     """Beam's ``a * x + c * N2(f(N1(x)))`` (depth-scaled residual add, both terms scaled): the constant
-    on the stream used to hide every site (zero sites, 13 norms skipped); it is now a sandwich site
-    whose stream scale is dropped (the update keeps ``|x|``), the branch constant staying in ``s``."""
+    on the stream used to hide every site (zero sites, 13 norms skipped); it is now a sandwich site whose
+    update reads the scaled stream ``a * x`` (the scale is kept), the branch constant staying in ``s``."""
     model = _tiny("BeamConfig", "BeamForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, max_position_embeddings=64,
@@ -74,19 +74,26 @@ def test_depth_scaled_residual_is_a_site():
     assert bool(out.logits.isfinite().all()) and len(gaps) == 4 and max(gaps) <= 1e-5
 
 
-def test_learnable_residual_gain_is_dropped():
-    """Doge's ``w * x + f(N(x))`` with a per-channel learnable gain ``w`` on the stream: the gain hid
-    every site (zero sites); it is a pre site now, the gain is removed and reported as such."""
+def test_learnable_residual_gain_is_kept():
+    """Doge's ``w * x + f(N(x))`` with a per-channel learnable gain ``w`` on the stream: a pre site whose update
+    reads ``w * x`` (GEONORM.md section 4: a scale on the skip is kept), so the trained gain stays a parameter
+    of the converted model and still acts: scaling it changes the output."""
     model = _tiny("DogeConfig", "DogeForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   num_experts=4, num_experts_per_tok=2, use_cache=False)
     module = _convert(model, (_ids(2, 8),))
     report = module.geonorm_report
     assert report.counts() == {"pre": 4}
-    gains = [p for p in report.removed_parameters if p.endswith("_residual")]
-    assert len(gains) == 4 and not any(name in module.state_dict() for name in gains)
-    out, gaps = _invariant(module, _ids(3, 11))
+    gains = [name for name, _ in model.named_parameters() if name.endswith("_residual")]
+    assert len(gains) == 4 and all(name in module.state_dict() for name in gains)
+    assert not report.removed_parameters
+    ids = _ids(3, 11)
+    out, gaps = _invariant(module, ids)
     assert bool(out.logits.isfinite().all()) and len(gaps) == 4 and max(gaps) <= 1e-5
+    with torch.no_grad():
+        module.state_dict()[gains[0]].mul_(3.0)
+        changed = module(ids).logits
+    assert not torch.allclose(changed, out.logits)
 
 
 def test_bias_expanded_to_the_stream_shape_is_not_a_stream_read():

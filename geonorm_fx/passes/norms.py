@@ -2,18 +2,21 @@
 
 Each match is a :class:`NormMatch`: its kind, the tensor it normalizes, the node that carries the
 result (after the affine weight/bias and trailing casts), and every node that belongs to it.
-Decomposed chains are recognised by what they compute, not by literals: RMSNorm is
-``u * rsqrt(mean(u**2) + eps)`` (or ``u / sqrt(...)``), LayerNorm the same over ``u - mean(u)``,
-whatever the casts, eps, or the order of the operands.
+Decomposed chains are recognised by what they compute, not by literals (see :func:`_classify`): RMSNorm
+is ``u * rsqrt(mean(u**2) + eps)`` (or ``u / sqrt(...)``, ``u / |u|``, ``F.normalize(u)``), LayerNorm the
+same over ``u - mean(u)`` or with ``var``/``std``/``var_mean``, whatever the casts, eps (added or clamped,
+inside or outside the root), dims spelling, or the order of the operands. Any other division of a tensor by
+a magnitude of itself over some dims is found as ``norm_like`` with a ``skip_reason``, so it is reported.
 """
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import fx
 
-from .ops import GraphView, norm_spellings
+from .ops import GraphView, Reduction, norm_spellings
 
 RESIDUAL_NORM_KINDS = ("layer_norm", "rms_norm")
 
@@ -22,7 +25,7 @@ RESIDUAL_NORM_KINDS = ("layer_norm", "rms_norm")
 class NormMatch:
     """One normalization: ``output = N(input)``; ``source`` is ``input`` seen through casts/aliases."""
 
-    kind: str                      # "layer_norm" | "rms_norm" | "batch_norm" | "group_norm" | "instance_norm"
+    kind: str   # "layer_norm" | "rms_norm" | "norm_like" | "batch_norm" | "group_norm" | "instance_norm"
     input: fx.Node
     source: fx.Node
     output: fx.Node
@@ -31,6 +34,9 @@ class NormMatch:
     path: str = ""
     dim: int | None = None         # the one dimension of ``source`` it normalizes (negative), else None
     output_in_source_layout: bool = True   # False when the result stays in a permuted layout
+    skip_reason: str | None = None  # set for a norm-like op that is neither LayerNorm nor RMSNorm (kind
+    # "norm_like"): what it is and why it is left alone, in words; such a match never becomes a site
+    direct_source: fx.Node | None = None  # set when re-anchored through a permute: the permuted input's root
 
     @property
     def feature_norm(self) -> bool:
@@ -52,14 +58,16 @@ def find_norms(view: GraphView, exclude: set | None = None) -> list[NormMatch]:
     for node in view.nodes:
         if node in exclude or node in claimed:
             continue
-        match = _whole_op(view, node, spell) or _decomposed(view, node) or _other_norm(view, node)
-        if match is None:
+        match = (_whole_op(view, node, spell) or _normalize_op(view, node) or _scaled(view, node)
+                 or _other_norm(view, node))
+        if match is None or (exclude and match.nodes & exclude):
             continue
-        if match.kind in RESIDUAL_NORM_KINDS:
+        if match.kind in RESIDUAL_NORM_KINDS or match.kind == "norm_like":
             _absorb_affine(view, match)
             if match.over == "the last dimension":
                 match.dim = -1
-                _see_through_permutation(view, match)
+                if match.kind in RESIDUAL_NORM_KINDS:
+                    _see_through_permutation(view, match)
         claimed |= match.nodes
         found.append(match)
     return found
@@ -110,81 +118,273 @@ def _whole_op(view: GraphView, node: fx.Node, spell: dict) -> NormMatch | None:
     return NormMatch(kind, inp, view.root(inp), output, nodes, over, view.module_path(node))
 
 
-def _centered(view: GraphView, node) -> tuple[fx.Node, fx.Node] | None:
-    """For ``u - mean(u, dim, keepdim=True)`` return ``(u, mean node)``."""
-    if not isinstance(node, fx.Node):
+def _normalize_op(view: GraphView, node: fx.Node) -> NormMatch | None:
+    """``F.normalize(x, p, dim)`` as one op (fx graphs): ``x / max(|x|_p, eps)``. With ``p = 2`` it is an
+    RMSNorm up to the constant ``1/sqrt(d)`` (x-transformers' ScaleNorm / SimpleRMSNorm / RMSNorm spell
+    RMSNorm ``F.normalize(x, dim=-1) * g * sqrt(d)``); another ``p`` is norm-like."""
+    call = view.normalize_call(node)
+    if call is None:
         return None
-    ops = view.sub_operands(node)
+    src, p, dims = call
+    over = _over(view, src, list(dims))
+    nodes = {node}
+    _add_input_casts(view, src, nodes)
+    if p == 2:
+        return NormMatch("rms_norm", src, view.root(src), node, nodes, over, view.module_path(node))
+    return NormMatch("norm_like", src, view.root(src), node, nodes, over, view.module_path(node),
+                     skip_reason=f"L{p:g} normalization (F.normalize with p={p:g}) over {over}: divides by the "
+                                 f"L{p:g} norm, {_NEITHER}")
+
+
+_NEITHER = "neither a LayerNorm nor an RMSNorm, left as it is"
+
+
+def _scaled(view: GraphView, node: fx.Node) -> NormMatch | None:
+    """A decomposed normalization, anchored at its product: ``n * s`` or ``n / t`` where ``s`` (``1/t``)
+    is a power of a reduction ``r`` of (a function of) ``n`` itself, over dims ``D`` with ``keepdim``,
+    seen through eps guards at any depth (``+ eps``, ``.clamp(min=eps)``), positive constant factors,
+    per-channel gains, casts and broadcasts (``expand_as``, ``unsqueeze``). Read by :func:`_classify`."""
+    div = view.div_operands(node)
+    if div is not None:
+        candidates = [(div[0], div[1], -1.0)]
+    else:
+        ops = view.mul_operands(node)
+        if ops is None:
+            return None
+        candidates = [(ops[0], ops[1], 1.0), (ops[1], ops[0], 1.0)]
+    for n, s, power in candidates:
+        if isinstance(n, fx.Node) and isinstance(s, fx.Node):
+            stat = _statistic(view, s, power)
+            if stat is not None:
+                match = _classify(view, node, n, *stat)
+                if match is not None:
+                    return match
+    return None
+
+
+def _statistic(view: GraphView, s: fx.Node, power: float):
+    """For a factor ``s = c * r ** power`` (``c`` constant or per-channel) of a keepdim reduction ``r``
+    return ``(r, power, nodes between)``."""
+    nodes: set = set()
+    cur, restored = s, False
+    for _ in range(16):
+        red = view.reduction(cur)
+        if red is not None:
+            return (red, power, nodes) if red.keepdim or restored else None
+        step = view.power_step(cur)
+        if step is not None:
+            nxt, p = step
+            power *= p
+        else:
+            nxt = (view.floor_input(cur) or _eps_tensor_input(view, cur) or view.passthrough_input(cur)
+                   or view.constant_scale_input(cur) or _gain_input(view, cur))
+            if nxt is None:
+                nxt = view.broadcast_input(cur)
+                restored |= view.is_unsqueeze(cur)
+        if nxt is None:
+            return None
+        nodes.add(cur)
+        cur = nxt
+    return None
+
+
+def _eps_tensor_input(view: GraphView, node: fx.Node) -> fx.Node | None:
+    """For ``t + eps`` with ``eps`` a one-element constant tensor (a buffer, a lifted constant) return ``t``."""
+    ops = view.add_operands(node)
+    if ops is None:
+        return None
+    for t, eps in (ops, ops[::-1]):
+        shape = view.shape(eps)
+        if is_parameter_expr(view, eps) and shape is not None and all(type(d) is int for d in shape) \
+                and math.prod(shape) == 1:
+            return t
+    return None
+
+
+def _gain_input(view: GraphView, node: fx.Node) -> fx.Node | None:
+    """For ``t * g`` / ``g * t`` with ``g`` a number or a parameter expression (per-channel gain) return ``t``."""
+    ops = view.mul_operands(node)
+    if ops is None:
+        return None
+    a, b = ops
+    if isinstance(a, fx.Node) and a is not b and is_parameter_expr(view, b):
+        return a
+    if isinstance(b, fx.Node) and a is not b and is_parameter_expr(view, a):
+        return b
+    return None
+
+
+def _magnitude(view: GraphView, node: fx.Node) -> tuple[fx.Node, float, bool, set]:
+    """Read a reduction's input as ``f(u)`` with ``f`` a composition of ``abs``, positive powers and casts:
+    return ``(u, degree of f, f depends on |u| only, nodes of f)``."""
+    degree, even, nodes, cur = 1.0, False, set(), node
+    for _ in range(8):
+        nxt = view.abs_input(cur)
+        if nxt is not None:
+            even = True
+        else:
+            step = view.power_step(cur)
+            if step is not None and step[1] > 0:
+                nxt, p = step
+                degree *= p
+                even |= p % 2 == 0
+            else:
+                nxt = view.passthrough_input(cur)
+        if nxt is None:
+            break
+        nodes.add(cur)
+        cur = nxt
+    return cur, degree, even, nodes
+
+
+def _mean_of(view: GraphView, node: fx.Node) -> Reduction | None:
+    """``mean(u, D)``, or ``sum(u, D) / n`` with ``n`` the number of elements reduced."""
+    red = view.reduction(node)
+    if red is not None:
+        return red if red.op == "mean" else None
+    ops = view.div_operands(node)
+    if ops is None or not isinstance(ops[0], fx.Node) or not isinstance(ops[1], (int, float)):
+        return None
+    red = view.reduction(ops[0])
+    shape = view.shape(red.input) if red is not None else None
+    if red is None or red.op != "sum" or not shape or not all(type(shape[d]) is int for d in red.dims):
+        return None
+    if math.prod(shape[d] for d in red.dims) != ops[1]:
+        return None
+    return replace(red, op="mean", nodes=red.nodes | {node})
+
+
+def _centred(view: GraphView, node: fx.Node, dims: tuple) -> tuple[fx.Node, set] | None:
+    """For ``u - mean(u, D, keepdim=True)`` (seen through casts) with ``D == dims`` exactly, return ``(u,
+    nodes)``: a centring over another dimension is not the centring of a LayerNorm."""
+    cur = view.root(node)
+    ops = view.sub_operands(cur)
     if ops is None or not all(isinstance(o, fx.Node) for o in ops):
         return None
     u, m = ops
-    mean = view.mean_over(m)
-    if mean is None or not mean[2] or view.root(mean[0]) is not view.root(u):
-        return None
-    return u, m
-
-
-def _decomposed(view: GraphView, node: fx.Node) -> NormMatch | None:
-    """RMSNorm ``u * rsqrt(mean(u**2) + eps)`` or LayerNorm ``c * rsqrt(mean(c**2) + eps)`` with
-    ``c = u - mean(u)`` (``/ sqrt`` and ``var(u)`` forms too), anchored at the rsqrt/sqrt."""
-    is_rsqrt = view.is_rsqrt(node)
-    if not (is_rsqrt or view.is_sqrt(node)):
-        return None
-    inner = node.args[0]
-    if not isinstance(inner, fx.Node):
-        return None
-    eps = view.add_scalar_operand(inner)
-    reduced = eps[0] if eps else inner
-    nodes = {node, reduced} | ({inner} if eps else set())
-    mean = view.mean_over(reduced)
-    if mean is None:  # a sum of squares (L2 normalization, RMSNorm up to a constant) is read the same way
-        summed = view.sum_of_squares_over(reduced)
-        mean = summed if summed is not None and view.squared_input(summed[0]) is not None else None
-    if mean is not None:
-        squared, dims, keepdim = mean
-        base = view.squared_input(squared)
-        nodes.add(squared)
-    else:
-        variance = view.variance_over(reduced)
-        if variance is None:
-            return None
-        base, dims, keepdim = variance
-        squared = reduced
-    if base is None or not keepdim:
-        return None
-    centered = _centered(view, base) if mean is not None else (base, None)
-    kind = "layer_norm" if centered is not None else "rms_norm"
-    u = centered[0] if centered is not None else base
-    source = view.root(u)
-    product = normalized = None
-    for user in view.data_users(node):
-        if is_rsqrt:
-            ops = view.mul_operands(user)
-            other = None if ops is None else ops[0] if ops[1] is node else ops[1] if ops[0] is node else None
-        else:
-            other = user.args[0] if view.is_div(user) and len(user.args) > 1 and user.args[1] is node else None
-        if not isinstance(other, fx.Node):
-            continue
-        if kind == "layer_norm":  # the product is over u - mean(u), computed once or again
-            c = _centered(view, other)
-            ok = c is not None and view.root(c[0]) is source
-        else:
-            ok = view.root(other) is source
-        if ok:
-            product, normalized = user, other
+    nodes, restored = {cur}, False
+    for _ in range(4):  # casts and broadcasts of the mean (``x.mean(-1).unsqueeze(-1)``)
+        nxt = view.passthrough_input(m) or view.broadcast_input(m)
+        if nxt is None:
             break
-    if product is None:
+        restored |= view.is_unsqueeze(m)
+        nodes.add(m)
+        m = nxt
+    mean = _mean_of(view, m)
+    if mean is None or mean.dims != dims or not (mean.keepdim or restored) \
+            or view.root(mean.input) is not view.root(u):
         return None
-    nodes.add(product)
-    for value in {base, normalized}:
-        c = _centered(view, value)
+    nodes |= mean.nodes
+    _add_input_casts(view, node, nodes)
+    _add_input_casts(view, mean.input, nodes)
+    return u, nodes
+
+
+def _strip_gain(view: GraphView, node: fx.Node) -> tuple[fx.Node, set]:
+    """``g * u`` with a constant or per-channel ``g`` (the Annotated Transformer's ``a * (x - m) / (std + eps)``)
+    normalizes ``u``: return ``(u, the gain's nodes)``."""
+    nodes: set = set()
+    for _ in range(3):
+        inner = _gain_input(view, node)
+        if inner is None:
+            break
+        a, b = view.mul_operands(node)
+        nodes |= {node} | parameter_expr_nodes(view, b if a is inner else a)
+        node = inner
+    return node, nodes
+
+
+def _describe(red: Reduction, degree: float, even: bool) -> str:
+    if red.op in ("var", "std"):
+        return {"var": "the variance", "std": "the standard deviation"}[red.op]
+    if red.op == "vector_norm":
+        return f"the L{red.ord:g} norm"
+    what = ("absolute value" if degree == 1 and even else "square" if degree == 2
+            else f"|x|^{degree:g}" if even else f"x^{degree:g}")
+    return {"mean": f"the mean {what}", "sum": f"the sum of each {what}", "amax": f"the maximum {what}"}[red.op]
+
+
+def _relation(view: GraphView, family: str, rn: fx.Node, rb: fx.Node, cn, cb) -> str | None:
+    """How the normalized value (root ``rn``, centring ``cn``) relates to the reduced one (``rb``, ``cb``):
+    ``"plain"`` (the same tensor), ``"centred"`` (both the same ``x - mean(x, D)``, or ``x - mean(x, D)``
+    over the spread of ``x``), ``"uncentred"`` (``x`` over its spread), ``"mismatch"`` (``x - mean(x)`` over
+    the RMS of ``x``), or None (unrelated: not a normalization)."""
+    if family == "std":  # the variance is shift-invariant: var(x) == var(x - mean(x))
+        spread_of = view.root(cb[0]) if cb else rb
+        return "centred" if cn and view.root(cn[0]) is spread_of else "uncentred" if rn is spread_of else None
+    if rn is rb:
+        return "centred" if cn else "plain"
+    if cn and cb and view.root(cn[0]) is view.root(cb[0]):
+        return "centred"
+    if cb and view.root(cb[0]) is rn:
+        return "uncentred"
+    if cn and view.root(cn[0]) is rb:
+        return "mismatch"
+    return None
+
+
+def _classify(view: GraphView, anchor: fx.Node, n: fx.Node, red: Reduction, power: float,
+              chain: set) -> NormMatch | None:
+    """Name ``y = n * r ** power`` (``r`` a reduction over dims ``D`` of ``f(u)``) by what it computes:
+
+    - ``rms_norm``: ``r`` is the mean or sum of ``u**2`` (``power = -1/2``) or the L2 norm of ``u``
+      (``power = -1``), and ``n`` is ``u`` (up to casts). A sum or a norm differs from the RMS by the
+      constant ``sqrt(d)``: an RMSNorm up to a constant gain (L2 normalization, ``x / |x| * sqrt(d)``).
+    - ``layer_norm``: the same with ``n = u = x - mean(x, D)`` (centring computed once or twice), or
+      ``r = var(x, D)`` / ``std(x, D)`` with ``n = x - mean(x, D)``. The variance may be BIASED OR UNBIASED:
+      ``correction=1`` only scales the output by the constant ``sqrt(d/(d-1))`` (the Annotated Transformer's
+      ``(x - m) / (std + eps)``), which a LayerNorm's gain absorbs, so it is read as a LayerNorm too.
+      The centring must reduce exactly ``D``: ``c = x - mean(x, other dim)`` normalized by its RMS over ``D``
+      is an RMSNorm of ``c``, not a LayerNorm of ``x``.
+    - ``norm_like`` (with ``skip_reason``): any other division of ``n`` by a magnitude of itself over ``D``:
+      the standard deviation without centring (timm's SimpleNorm-like ``x / sqrt(var(x) + eps)``), a
+      centring that the scale does not match, the mean or maximum absolute value, an Lp norm with
+      ``p != 2``, or a power that does not cancel the input's scale.
+    Eps values, eps placement, casts, operand order and the spelling of dims never change the kind."""
+    base, degree, even, fnodes = _magnitude(view, red.input)
+    k = degree * (2.0 if red.op == "var" else 1.0)   # the reduction is homogeneous of degree k in u
+    if k * power >= 0:
+        return None  # multiplies by a magnitude: not a normalization
+    if (red.op in ("mean", "sum") and degree == 2) or (red.op == "vector_norm" and red.ord == 2 and degree == 1):
+        family = "rms"
+    elif red.op in ("var", "std") and degree == 1 and not even:
+        family = "std"
+    elif even or red.op in ("vector_norm", "var", "std"):
+        family = "other"
+    else:
+        return None  # e.g. x / x.sum(-1) (a probability normalization) or x / x.amax(-1): not a scale
+    cb = _centred(view, base, red.dims)
+    relation = None
+    for core, gain_nodes in ((n, set()), _strip_gain(view, n)):  # n itself first: it may be an earlier norm's w*y
+        cn = _centred(view, core, red.dims)
+        relation = _relation(view, family, view.root(core), view.root(base), cn, cb)
+        if relation is not None:
+            break
+    if relation is None:
+        return None
+    over = _over(view, red.input, list(red.dims))
+    what = _describe(red, degree, even)
+    kind, reason = "norm_like", None
+    if abs(k * power + 1) > 1e-9:
+        reason = f"divides by a power of {what} over {over} that does not cancel the input's scale: {_NEITHER}"
+    elif family == "other":
+        reason = f"divides by {what} over {over}: {_NEITHER}"
+    elif relation == "uncentred":
+        reason = f"divides by the standard deviation over {over} without centring: {_NEITHER}"
+    elif relation == "mismatch":
+        reason = (f"centres over {over} but divides by the root mean square of the uncentred input: "
+                  f"{_NEITHER}")
+    else:
+        kind = "layer_norm" if relation == "centred" else "rms_norm"
+    u = cn[0] if cn and relation in ("centred", "mismatch") else core
+    source = view.root(u)
+    nodes = {anchor} | chain | set(red.nodes) | fnodes | gain_nodes
+    for c in (cn, cb):
         if c is not None:
-            nodes |= {value, c[1]}
-            _add_input_casts(view, c[0], nodes, stop=source)
-            _add_input_casts(view, view.mean_over(c[1])[0], nodes, stop=source)
-        else:
-            _add_input_casts(view, value, nodes, stop=source)
-    return NormMatch(kind, u, source, product, nodes, _over(view, squared, dims), view.module_path(node))
+            nodes |= c[1]
+    _add_input_casts(view, core, nodes)
+    _add_input_casts(view, base, nodes)
+    return NormMatch(kind, u, source, anchor, nodes, over, view.module_path(anchor), skip_reason=reason)
 
 
 def _other_norm(view: GraphView, node: fx.Node) -> NormMatch | None:
@@ -276,6 +476,7 @@ def _see_through_permutation(view: GraphView, match: NormMatch) -> None:
     if p[-1] == ndim - 1:
         return  # the last dimension stays last: a norm of the permuted stream, as it is
     match.nodes |= set(path) | {cur}
+    match.direct_source = match.source   # the permuted value itself: a stream kept in that layout reads it so
     match.input, match.source, match.dim = t, view.root(t), p[-1] - ndim
     match.over = f"dimension {p[-1]} (read through a permute)"
     out, trail = match.output, []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import operator
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,54 @@ _SQUARE = ({aten.square.default}, {torch.square}, {"square"})
 _DIV = ({aten.div.Tensor}, {operator.truediv, torch.div}, {"div", "__truediv__"})
 _SUB = ({aten.sub.Tensor}, {operator.sub, torch.sub}, {"sub", "__sub__"})
 _VAR = ({aten.var.correction, aten.var.dim}, {torch.var}, {"var"})
+
+# Reductions a norm divides by, by the name of their meaning; the positional argument names of the
+# torch-level and Tensor-method spellings (aten overloads are bound through their schema).
+_REDUCTION_ATEN = {
+    aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default: "amax",
+    aten.var.dim: "var", aten.var.correction: "var", aten.std.dim: "std", aten.std.correction: "std",
+    aten.linalg_vector_norm.default: "vector_norm", aten.norm.ScalarOpt_dim: "norm",
+}
+_REDUCTION_FUNCS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.var: "var", torch.std: "std",
+                    torch.norm: "norm", torch.linalg.vector_norm: "vector_norm", torch.linalg.norm: "linalg_norm"}
+_REDUCTION_METHODS = {"mean": "mean", "sum": "sum", "amax": "amax", "var": "var", "std": "std", "norm": "norm"}
+# Ops returning (statistic, ...) tuples: (aten overloads, callables, methods) -> the meaning of each item.
+_TUPLE_REDUCTION_ATEN = {aten.var_mean.dim: ("var", "mean"), aten.var_mean.correction: ("var", "mean"),
+                         aten.std_mean.dim: ("std", "mean"), aten.std_mean.correction: ("std", "mean"),
+                         aten.max.dim: ("amax", None)}
+_TUPLE_REDUCTION_FUNCS = {torch.var_mean: ("var", "mean"), torch.std_mean: ("std", "mean"), torch.max: ("amax", None)}
+_TUPLE_REDUCTION_METHODS = {"max": ("amax", None)}
+_ARG_NAMES = {"mean": ("input", "dim", "keepdim"), "sum": ("input", "dim", "keepdim"),
+              "amax": ("input", "dim", "keepdim"), "var": ("input", "dim", "unbiased", "keepdim"),
+              "std": ("input", "dim", "unbiased", "keepdim"), "norm": ("input", "p", "dim", "keepdim"),
+              "vector_norm": ("input", "ord", "dim", "keepdim"), "linalg_norm": ("input", "ord", "dim", "keepdim"),
+              "normalize": ("input", "p", "dim", "eps")}
+_ABS = ({aten.abs.default}, {torch.abs}, {"abs"})
+_RECIPROCAL = ({aten.reciprocal.default}, {torch.reciprocal}, {"reciprocal"})
+_CLAMP = ({aten.clamp.default, aten.clamp_min.default}, {torch.clamp, torch.clamp_min, torch.clip},
+          {"clamp", "clamp_min", "clip"})
+_UNSQUEEZE = ({aten.unsqueeze.default}, {torch.unsqueeze}, {"unsqueeze"})
+_EXPAND = ({aten.expand.default, aten.expand_as.default} | _UNSQUEEZE[0], _UNSQUEEZE[1],
+           {"expand", "expand_as"} | _UNSQUEEZE[2])
+_NORMALIZE_FUNCS = {F.normalize}
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A reduction over ``dims`` (non-negative when the input's rank is known) of ``input``.
+
+    ``op`` is ``"mean"``, ``"sum"``, ``"amax"`` (also ``max(t, dim)[0]``), ``"var"``, ``"std"`` (with their
+    ``correction``: 0 biased, 1 unbiased) or ``"vector_norm"`` (with its ``ord``; ``norm(p="fro")`` over
+    dims is ord 2). ``nodes``: the reduction node, and for a tuple op (``var_mean``) the op and the item."""
+
+    op: str
+    input: fx.Node
+    dims: tuple
+    keepdim: bool
+    nodes: frozenset
+    correction: float = 0.0
+    ord: float = 2.0
+
 
 # Normalizations that are never residual-stream norms; found only to report them as skipped.
 _OTHER_NORM_ATEN = {
@@ -382,17 +431,148 @@ class GraphView:
         return None
 
     def variance_over(self, node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
-        """For a biased variance reduction ``var(u, dims, correction=0, keepdim)`` return ``(u, dims, keepdim)``."""
-        if not self.matches(node, _VAR):
+        """For a biased variance reduction ``var(u, dims, correction=0, keepdim)`` return ``(u, dims, keepdim)``
+        (``unbiased``/``correction`` by position or keyword; dims non-negative when the rank is known)."""
+        red = self.reduction(node)
+        if red is None or red.op != "var" or red.correction != 0:
             return None
-        src = node.args[0]
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        correction = node.kwargs.get("correction", 0 if node.kwargs.get("unbiased") is False else 1)
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool)
-                                  else False)
-        if dims is None or correction not in (0, 0.0) or not isinstance(src, fx.Node):
+        return red.input, list(red.dims), red.keepdim
+
+    # ----- statistics a normalization divides by ---------------------------------------------------
+    def bound_args(self, node: fx.Node, names: Sequence[str] = ()) -> dict:
+        """The arguments of ``node`` by name: an aten overload's schema names them (``self`` read as
+        ``input``), else ``names`` (the positional names of the torch-level/method spelling)."""
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None:
+            names = ["input" if a.name == "self" else a.name for a in schema.arguments]
+        out = dict(zip(names, node.args))
+        out.update(node.kwargs)
+        return out
+
+    def reduction(self, node) -> Reduction | None:
+        """``node`` as a :class:`Reduction` over explicit dims (a reduction over all dims is None)."""
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
             return None
-        return src, [dims] if isinstance(dims, int) else list(dims), bool(keepdim)
+        nodes = {node}
+        op = _REDUCTION_ATEN.get(node.target) or _REDUCTION_FUNCS.get(node.target) \
+            if node.op == "call_function" else _REDUCTION_METHODS.get(node.target)
+        call, names = node, op
+        if op is None and node.op == "call_function" and node.target in (operator.getitem, builtins.getattr) \
+                and len(node.args) == 2 and isinstance(node.args[0], fx.Node) \
+                and node.args[0].op in ("call_function", "call_method"):
+            call, index = node.args[0], node.args[1]
+            items = (_TUPLE_REDUCTION_ATEN.get(call.target) or _TUPLE_REDUCTION_FUNCS.get(call.target)
+                     if call.op == "call_function" else _TUPLE_REDUCTION_METHODS.get(call.target))
+            index = 0 if index == "values" and isinstance(index, str) else index
+            if not items or type(index) is not int or index not in (0, 1) or items[index] is None:
+                return None
+            op, names, nodes = items[index], items[0], {node, call}
+        if op is None:
+            return None
+        args = self.bound_args(call, _ARG_NAMES[names])
+        src, dims = args.get("input"), args.get("dim")
+        if op in ("var", "std") and isinstance(dims, bool):  # torch.var(x, unbiased)
+            args["unbiased"], dims = dims, None
+        if not isinstance(src, fx.Node) or dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        ndim = self.ndim(src)
+        dims = tuple(sorted(d % ndim for d in dims)) if ndim else tuple(dims)
+        keepdim = bool(args.get("keepdim", False))
+        correction = args.get("correction") if op in ("var", "std") else 0.0
+        if correction is None:
+            correction = 0.0 if args.get("unbiased", True) is False else 1.0
+        ord_ = 2.0
+        if op in ("norm", "linalg_norm", "vector_norm"):
+            ord_ = args.get("p" if op == "norm" else "ord", 2.0 if op == "vector_norm" else None)
+            if ord_ in (None, "fro"):
+                ord_ = 2.0
+            if isinstance(ord_, str) or (op == "linalg_norm" and len(dims) != 1):
+                return None  # "nuc", matrix norms
+            op = "vector_norm"
+        return Reduction(op, src, dims, keepdim, frozenset(nodes), float(correction), float(ord_))
+
+    def power_step(self, node) -> tuple[fx.Node, float] | None:
+        """For ``t ** p`` return ``(t, p)``: ``rsqrt`` (-0.5), ``sqrt`` (0.5), ``pow``, ``square`` and
+        ``t * t`` (2), ``reciprocal`` and ``c / t`` with a number ``c > 0`` (-1)."""
+        if not isinstance(node, fx.Node):
+            return None
+        arg = node.args[0] if node.args else None
+        if self.matches(node, _RSQRT):
+            return (arg, -0.5) if isinstance(arg, fx.Node) else None
+        if self.matches(node, _SQRT):
+            return (arg, 0.5) if isinstance(arg, fx.Node) else None
+        if self.matches(node, _RECIPROCAL):
+            return (arg, -1.0) if isinstance(arg, fx.Node) else None
+        power = self._power_of(node)
+        if power is not None:
+            return arg, power
+        t = self.squared_input(node)
+        if t is not None:
+            return t, 2.0
+        if self.is_div(node) and len(node.args) == 2 and isinstance(node.args[1], fx.Node) \
+                and _positive_number(node.args[0]):
+            return node.args[1], -1.0
+        return None
+
+    def floor_input(self, node) -> fx.Node | None:
+        """For an eps guard ``t + eps`` (a number ``>= 0``) or ``t.clamp(min=eps)`` (no max) return ``t``."""
+        if not isinstance(node, fx.Node):
+            return None
+        added = self.add_scalar_operand(node)
+        if added is not None:
+            return added[0] if added[1] >= 0 else None
+        if self.matches(node, _CLAMP):
+            args = self.bound_args(node, ("input", "min", "max"))
+            if isinstance(args.get("input"), fx.Node) and _positive_number(args.get("min"), zero=True) \
+                    and args.get("max") is None:
+                return args["input"]
+        return None
+
+    def constant_scale_input(self, node) -> fx.Node | None:
+        """For ``t * c`` / ``c * t`` / ``t / c`` with a number ``c > 0`` return ``t``."""
+        if not isinstance(node, fx.Node):
+            return None
+        if self.is_div(node) and len(node.args) == 2 and _positive_number(node.args[1]) \
+                and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+        scaled = self.scalar_mul_input(node)
+        return scaled[0] if scaled is not None and scaled[1] > 0 else None
+
+    def broadcast_input(self, node) -> fx.Node | None:
+        """For ``t.expand(...)``, ``t.expand_as(u)`` or ``t.unsqueeze(d)`` return ``t`` (same values, broadcast)."""
+        if isinstance(node, fx.Node) and self.matches(node, _EXPAND):
+            return self._first_tensor_arg(node)
+        return None
+
+    def is_unsqueeze(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.matches(node, _UNSQUEEZE)
+
+    def abs_input(self, node) -> fx.Node | None:
+        """For ``|t|`` return ``t``."""
+        if isinstance(node, fx.Node) and self.matches(node, _ABS):
+            return self._first_tensor_arg(node)
+        return None
+
+    def div_operands(self, node) -> tuple[object, object] | None:
+        """For ``a / b`` return ``(a, b)``."""
+        if self.is_div(node) and len(node.args) == 2 and node.kwargs.get("rounding_mode") is None:
+            return node.args[0], node.args[1]
+        return None
+
+    def normalize_call(self, node: fx.Node) -> tuple[fx.Node, float, tuple] | None:
+        """For ``F.normalize(t, p, dim)`` (the torch-level op; torch.export decomposes it into
+        ``t / vector_norm(t).clamp_min(eps).expand_as(t)``) return ``(t, p, dims)``."""
+        if node.op != "call_function" or node.target not in _NORMALIZE_FUNCS:
+            return None
+        args = self.bound_args(node, _ARG_NAMES["normalize"])
+        src, p, dim = args.get("input"), args.get("p", 2.0), args.get("dim", 1)
+        if not isinstance(src, fx.Node) or not isinstance(dim, int) or not isinstance(p, (int, float)):
+            return None
+        ndim = self.ndim(src)
+        return src, float(p), ((dim % ndim,) if ndim else (dim,))
 
     def other_norm_kind(self, node: fx.Node) -> str | None:
         """``"batch_norm"`` / ``"group_norm"`` / ``"instance_norm"`` for those ops and modules."""
@@ -455,6 +635,11 @@ class GraphView:
         names = set(class_names)
         stack = node.meta.get("nn_module_stack") or {}
         return any(_class_name(cls) in names for _path, cls in stack.values())  # paths not cleaned: hot
+
+
+def _positive_number(value, zero: bool = False) -> bool:
+    """A Python number ``> 0`` (``>= 0`` with ``zero``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (zero and value == 0))
 
 
 def _nodes_in(args) -> list[fx.Node]:

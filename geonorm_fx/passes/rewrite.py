@@ -3,7 +3,8 @@
 Every site becomes ``geo_i(x, s)`` with ``s`` the branch output (the sum of the branches of a
 parallel site); it replaces the residual sum (``pre``, ``sandwich``, ``respost``, ``parallel``) or
 the norm that read it (``post``, ``deepnorm``: that norm and the DeepNorm scale are removed).
-Branch-input and branch-output norms stay.
+Branch-input and branch-output norms stay; extra terms of the sum (earlier states, injected inputs) are
+added to the update's result, and views between a removed norm and its sum are applied to it.
 """
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]
                 branch = graph.call_function(torch.ops.aten.add.Tensor, (branch, other))
                 branch.meta["val"] = value
             update = graph.call_module(target, (replaced.get(site.x, site.x), branch))
-        update.meta = dict(site.output.meta)
-        site.output.replace_all_uses_with(update)
-        replaced[site.output] = update
+            update.meta = dict(site.sum.meta)
+            result = update
+            for extra in site.extras:  # earlier states or injected inputs, added after the update
+                result = graph.call_function(torch.ops.aten.add.Tensor, (result, replaced.get(extra, extra)))
+                result.meta = dict(site.sum.meta)
+        result = _reapply_views(graph, view, site.views, result)
+        site.output.replace_all_uses_with(result)
+        replaced[site.output] = result
         candidates |= site.dead
     dropped = _erase_dead(graph, view, candidates)
     # graph.lint() costs ~5% of the pass at 32 blocks; the tests lint every graph they convert instead
@@ -43,6 +49,16 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[SiteMatch], targets: list[str]
         gm.recompile()
     still_used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     return {t for t in dropped if t not in still_used}
+
+
+def _reapply_views(graph: fx.Graph, view: GraphView, views: list[fx.Node], value: fx.Node) -> fx.Node:
+    """Apply the same shape-changing views to ``value`` (a removed post norm read ``sum.reshape(-1, d)``: its
+    replacement keeps the norm's output shape). Each copy goes right after its original."""
+    for node in views:
+        source = view.passthrough_input(node)
+        with graph.inserting_after(node):
+            value = graph.node_copy(node, lambda n, src=source, new=value: new if n is src else n)
+    return value
 
 
 def _erase_dead(graph: fx.Graph, view: GraphView, candidates: set[fx.Node]) -> set[str]:

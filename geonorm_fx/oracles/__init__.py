@@ -1,0 +1,16 @@
+"""The detector's oracles: judges of a site list by other means than the detector's own logic.
+
+- :func:`identity_gap` / :func:`prenorm_identity_gap`: the Pre-Norm and Post-Norm identities of
+  GEONORM.md section 6, run on an affine-free, tiny-eps copy (:mod:`.identities`, :mod:`.affine`);
+- :func:`structural_check`: the report against the model's module tree (:mod:`.structure`);
+- :func:`check_sites`: all of them at once, for zoo sweeps (:mod:`.check`).
+"""
+from .affine import AffineFree, affine_free_copy
+from .check import OracleResult, check_sites
+from .identities import (IdentityOutcome, SiteCheck, geodesic_star, identity_gap, post_identity,
+                         prenorm_identity_gap, run_identities)
+from .structure import StructuralCheck, structural_check
+
+__all__ = ["identity_gap", "prenorm_identity_gap", "run_identities", "IdentityOutcome", "SiteCheck",
+           "geodesic_star", "post_identity", "affine_free_copy", "AffineFree", "structural_check",
+           "StructuralCheck", "check_sites", "OracleResult"]
