@@ -109,7 +109,7 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
     if tracer not in TRACERS:
         raise InvalidInputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     if isinstance(model, ExportedProgram):  # an ExportedProgram is an inference artifact: eval
-        return _given(copy.deepcopy(model.module()), args, kwargs, modes, "export", training=False)
+        return _given(copy.deepcopy(_functional(model).module()), args, kwargs, modes, "export", training=False)
     if isinstance(model, fx.GraphModule) and tracer == "auto":
         return _given(_deepcopy(model), args, kwargs, modes, "given", training=model.training)
     if not isinstance(model, nn.Module):
@@ -349,7 +349,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, warn: bo
         a, k = _fresh(args, kwargs)
         try:
             ep = torch.export.export(model, a, k, dynamic_shapes=dynamic_shapes_for(model, a, k), strict=False)
-            return ep.module(), True
+            return _functional(ep).module(), True
         except Exception as e:  # noqa: BLE001 - retried statically below
             dynamic_error = e
     try:
@@ -361,7 +361,46 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, warn: bo
         warnings.warn(f"dynamic capture failed ({type(dynamic_error).__name__}: {_first_line(dynamic_error)}); "
                       "captured with static shapes: the converted module accepts only the example shapes",
                       GeoNormWarning, stacklevel=3)
-    return ep.module(), False
+    return _functional(ep).module(), False
+
+
+def _writes_read_later(graph: fx.Graph) -> bool:
+    """An in-place op writes into a value (or a view of a value) that a later node reads as the old node:
+    a dataflow the graph's edges do not show. (T5's ``scores += bias`` is read later through the op's own
+    result: its edges are right.)"""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
+                or not node.target._schema.is_mutable or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        value, aliases = node.args[0], []
+        while isinstance(value, fx.Node) and len(aliases) < 16:
+            aliases.append(value)
+            target = getattr(value.target, "overloadpacket", None)
+            if value.op != "call_function" or target is None or target.__name__ not in _VIEW_OPS:
+                break
+            value = value.args[0] if value.args else None
+        if any(order[u] > order[node] for a in aliases for u in a.users if u is not node):
+            return True
+    return False
+
+
+_VIEW_OPS = {"slice", "select", "view", "_unsafe_view", "reshape", "as_strided", "permute", "transpose", "t",
+             "expand", "alias", "unsqueeze", "squeeze", "narrow", "diagonal", "unfold", "split", "chunk",
+             "unbind", "flatten", "unflatten", "view_as", "detach"}
+
+
+def _functional(ep: ExportedProgram) -> ExportedProgram:
+    """torch.export's graph keeps in-place writes into intermediate values (``x[:] = x + f(N(x))`` becomes
+    ``copy_(slice(x), ...)``, and later nodes read the mutated ``x``): dataflow over such a graph is not the
+    program's. Functionalize it then (no decomposition), keeping the module stacks; graphs without a write
+    are returned as they are."""
+    if not _writes_read_later(ep.graph):
+        return ep
+    try:
+        return ep.run_decompositions({})
+    except Exception:  # noqa: BLE001 - the unfunctionalized capture still runs correctly
+        return ep
 
 
 class _LeafTracer(fx.Tracer):
@@ -382,8 +421,26 @@ def _fx_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     except Exception as e:  # noqa: BLE001
         raise CaptureError(_capture_message(model, "torch.fx.symbolic_trace", e)) from e
     propagate_shapes(gm, args, kwargs)
+    _refuse_lost_augmented_assignment(gm)
     _functionalize_traced(gm, args, kwargs)
     return gm
+
+
+def _refuse_lost_augmented_assignment(gm: fx.GraphModule) -> None:
+    """symbolic_trace records ``y += t`` on a tensor as ``y = y + t``: eager Python mutates ``y`` (and every
+    alias of it, e.g. ``y = x; y += t; return x``) in place, the trace does not. A tensor sum whose result
+    nothing reads is the trace of such a statement; the traced graph would compute another function than the
+    model, so capture refuses it."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (operator.add, operator.sub, operator.mul) \
+                and not node.users and all(isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+                                           for a in node.args[:2]):
+            raise CaptureError(
+                f"torch.fx.symbolic_trace lost an in-place update: the tensor result of {node.name} "
+                f"({node.args[0].name} {dict([(operator.add, '+'), (operator.sub, '-'), (operator.mul, '*')])[node.target]}"
+                f"= ...) is never read, the trace of an augmented assignment through an alias "
+                "(``y = x; y += t; return x``), which eager Python applies in place. Fix: use tracer='export' "
+                "(the default), which follows it")
 
 
 # in-place tensor ops functionalised in symbolic_trace graphs: method name -> out-of-place name

@@ -191,3 +191,15 @@ def test_fx_functionalization_keeps_the_in_place_dtype():
     gm = capture(Mixed(), (x, y), tracer="fx", modes=("eval",)).graphs["eval"]
     assert gm(x, y).dtype == torch.float16
     torch.testing.assert_close(gm(x, y), Mixed()(x.clone(), y), rtol=0, atol=0)
+
+
+def test_fx_refuses_an_augmented_assignment_it_cannot_follow():
+    """``y = x; y += t; return x`` mutates ``x`` in eager Python; symbolic_trace records ``y = y + t`` and
+    returns the stale ``x``: the traced graph is another function, so capture refuses it with the fix."""
+    from .corpus.blocks import LM
+    from .corpus.inplace import AliasReturn
+
+    model = LM([AliasReturn(), AliasReturn()]).eval()
+    ids = torch.randint(0, 16, (2, 5))
+    with pytest.raises(gf.CaptureError, match="tracer='export'"):
+        gf.convert(model, (ids,), tracer="fx")

@@ -11,8 +11,9 @@ from torch import nn
 
 import geonorm_fx as gf
 from geonorm_fx import zoo
-from geonorm_fx.oracles import affine_free_copy, geodesic_star, post_identity, run_identities
+from geonorm_fx.oracles import affine_free_copy, geodesic_star, local_checks, post_identity, run_identities
 from geonorm_fx.oracles.identities import detect_on_affine_free_copy
+from geonorm_fx.oracles.local import _Rescale, rescale_stream_but_skip
 
 from .tiny import (MLP, NORM_SPELLINGS, Mixer, OddNormsModel, PostNormBlock, PreNormBlock, Stack, TokenStack,
                    make_norm, tokens)
@@ -226,10 +227,15 @@ def test_pre_identity_fails_when_the_stream_and_the_branch_are_swapped():
     assert outcome.sites[3].scale_residual > 1e-2   # the next site sees a state that is not the stream
 
 
-def test_pre_identity_fails_without_a_final_norm():
+def test_pre_identity_fails_without_a_final_norm_but_the_local_check_passes():
+    """No final norm: the global identity's precondition fails, not the sites; every site passes the local
+    check, so ``check_sites`` agrees and says why the global identity did not apply."""
     model = Stack(PreNormBlock, depth=2, final_norm=False).eval()
     assert gf.identity_gap(model, (tokens(),)) > 1e-2
-    assert not gf.check_sites(model, (tokens(),)).agree
+    result = gf.check_sites(model, (tokens(),))
+    assert result.pre_gap > 1e-2 and max(result.local_gaps) < 1e-5
+    assert result.agree, str(result)
+    assert any(n.startswith("global Pre-Norm identity not applicable") for n in result.notes), str(result)
 
 
 def test_post_identity_fails_on_a_wrong_state():
@@ -318,4 +324,182 @@ def test_check_sites_measures_each_identity_on_its_own_in_a_mixed_model():
     assert result.pre_gap < TOL and result.post_gap < TOL, str(result)
     assert [None if j is None else round(j, 3) for j in result.j] == [None] * 4 + [1, 2, 3, 4]
     assert gf.identity_gap(model, (tokens(),)) < TOL
+    assert result.agree, str(result)
+
+
+# ------------------------------------------------------------------- the Post-Norm identity with an L2 norm
+class L2Norm(nn.Module):
+    """nGPT's normalization (transformers' DoryL2Norm): ``x / |x|``, RMSNorm up to the constant 1/sqrt(d)."""
+
+    def __init__(self, d=None, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.eps)
+
+
+class L2PostBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.mix, self.norm1, self.mlp, self.norm2 = Mixer(d), L2Norm(), MLP(d), L2Norm()
+
+    def forward(self, x):
+        x = self.norm1(x + self.mix(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class LooseRMSPostBlock(nn.Module):
+    """``F.rms_norm`` with a literal eps of 1 and no module of its own: the affine-free copy cannot make it
+    scale-invariant, so its output magnitude varies with the token."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.mix, self.mlp = Mixer(d), MLP(d)
+
+    def forward(self, x):
+        x = F.rms_norm(x + self.mix(x), (x.shape[-1],), eps=1.0)
+        return F.rms_norm(x + self.mlp(x), (x.shape[-1],), eps=1.0)
+
+
+def test_post_identity_measures_the_magnitude_of_an_l2_norm():
+    d = 16
+    model = stack_of(L2PostBlock, depth=3, d=d, final=None)
+    result = gf.check_sites(model, (tokens(),))
+    assert [s.kind for s in result.report.sites] == ["post"] * 6
+    assert result.post_gap < TOL, str(result)
+    assert all(abs(g - 1 / math.sqrt(d)) < 1e-5 for g in result.norm_gains), result.norm_gains
+    assert result.agree, str(result)
+    assert any("0.25 x sqrt(d)" in n for n in result.notes), str(result)
+    assert gf.identity_gap(model, (tokens(),)) < TOL
+    rms = gf.check_sites(Stack(PostNormBlock, depth=2, spelling="nn.RMSNorm").eval(), (tokens(),))
+    assert all(abs(g - 1) < 1e-5 for g in rms.norm_gains) and not any("sqrt(d)" in n for n in rms.notes)
+
+
+def test_post_identity_on_dory_l2_norm():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DoryForCausalLM"):
+        pytest.skip("this transformers has no Dory")
+    torch.manual_seed(0)
+    cfg = transformers.DoryConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  use_cache=False)
+    model = transformers.DoryForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    result = gf.check_sites(model, (tokens(vocab=64),))
+    assert result.post_gap < TOL and result.agree, str(result)
+    assert {round(g * math.sqrt(32), 4) for g in result.norm_gains if g is not None} == {1.0}
+
+
+def test_post_identity_refuses_a_norm_that_is_not_scale_invariant():
+    result = gf.check_sites(stack_of(LooseRMSPostBlock, depth=2, final=None), (tokens(),))
+    assert [s.kind for s in result.report.sites] == ["post"] * 4
+    assert not result.agree
+    assert any("not a scale-invariant normalization of x + s" in d for d in result.disagreements), str(result)
+
+
+# ----------------------------------------------------------------------- the local branch-invariance check
+class Injected(nn.Module):
+    """Pre-Norm blocks with the input re-injected after each block, ``h = block(h) + e`` (unscaled): the
+    global identity's precondition fails, the sites are right."""
+
+    def __init__(self, d=16, vocab=32, depth=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(PreNormBlock(d) for _ in range(depth))
+        self.final, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        e = self.embed(ids)
+        h = e
+        for block in self.blocks:
+            h = block(h) + e
+        return self.head(self.final(h))
+
+
+class GainBlock(nn.Module):
+    """``g * x + f(N(x))`` with a learned per-channel gain on the skip (Doge, MetaFormer's res_scale)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.mix, self.g1 = nn.RMSNorm(d), Mixer(d), nn.Parameter(1 + 0.5 * torch.randn(d))
+        self.norm2, self.mlp, self.g2 = nn.RMSNorm(d), MLP(d), nn.Parameter(1 + 0.5 * torch.randn(d))
+
+    def forward(self, x):
+        x = self.g1 * x + self.mix(self.norm1(x))
+        return self.g2 * x + self.mlp(self.norm2(x))
+
+
+def test_local_check_passes_where_an_unscaled_injection_breaks_the_global_identity():
+    model = Injected().eval()
+    assert [s.kind for s in gf.inspect(model, (tokens(),)).sites] == ["pre"] * 6
+    result = gf.check_sites(model, (tokens(),))
+    assert result.pre_gap > 1e-2
+    assert len(result.local_gaps) == 6 and max(result.local_gaps) < 1e-5
+    assert result.agree, str(result)
+    note = next(n for n in result.notes if n.startswith("global Pre-Norm identity not applicable"))
+    assert "every site passes the local branch-invariance check" in note
+
+
+def test_local_check_rewires_every_read_but_the_skip():
+    """The skip chain (here ``2 * x``, also read by the branch) stays unscaled for the sum only."""
+    class Toy(nn.Module):
+        def forward(self, x):
+            a = x * 2.0
+            return a + torch.sin(a)
+
+    x = torch.randn(3, 4)
+    gm = torch.fx.symbolic_trace(Toy())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rescale_stream_but_skip(gm, nodes["x"], nodes["mul"], {nodes["add"]}, nn.Identity())
+    assert torch.allclose(gm(x), 2 * x + torch.sin(2 * x))
+    gm = torch.fx.symbolic_trace(Toy())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rescale_stream_but_skip(gm, nodes["x"], nodes["mul"], {nodes["add"]}, _Rescale(3.0))
+    assert torch.allclose(gm(x), 2 * x + torch.sin(6 * x))
+
+
+def test_local_check_fails_on_a_value_the_branch_reads_directly():
+    """A site whose x is the norm's output (what the branch reads directly) is not a pre-type site: rescaling
+    it changes the branch sum. A site whose x and branch are swapped reads no x at all."""
+    model = Stack(PreNormBlock, depth=2).eval()
+    gm, sites = detect_on_affine_free_copy(model, (tokens(),))
+    right = local_checks(gm, sites, (tokens(),))
+    assert all(c.gap < 1e-5 and c.dependence > 1e-2 for c in right)
+    normed = sites[2].norms[0].output
+    wrong = _tampered(sites, 2, x=normed, stream_value=normed)
+    checks = local_checks(gm, wrong, (tokens(),))
+    assert checks[2].gap > 1e-2 and all(c.gap < 1e-5 for k, c in enumerate(checks) if k != 2)
+    swapped = _tampered(sites, 2, x=sites[2].branches[0], stream_value=sites[2].branches[0],
+                        branches=[sites[2].x])
+    checks = local_checks(gm, swapped, (tokens(),))
+    assert checks[2].gap < 1e-5 and checks[2].dependence < 1e-6
+
+
+def test_check_sites_with_a_learned_skip_gain():
+    """The skip scale is kept (site.x is ``g * x``): the global identity measures c on the update operand,
+    and the local check rescales the stream under the gain."""
+    torch.manual_seed(0)
+    model = stack_of(GainBlock, depth=2)
+    report = gf.inspect(model, (tokens(),))
+    assert [s.kind for s in report.sites] == ["pre"] * 4
+    result = gf.check_sites(model, (tokens(),))
+    assert result.pre_gap < TOL and max(result.local_gaps) < 1e-5, str(result)
+    assert [round(j, 3) for j in result.j] == [1, 2, 3, 4]
+    assert result.agree, str(result)
+
+
+def test_check_sites_on_doge_learnable_residual_gains():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  num_experts=4, num_experts_per_tok=2, use_cache=False)
+    model = transformers.DogeForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_residual"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    result = gf.check_sites(model, (tokens(vocab=64),))
+    assert result.pre_gap < TOL and max(result.local_gaps) < 1e-5, str(result)
+    assert [round(j, 3) for j in result.j] == [1, 2, 3, 4]
     assert result.agree, str(result)

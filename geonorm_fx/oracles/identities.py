@@ -24,6 +24,15 @@ centred over the feature dim for LayerNorm. ``Geo*`` is written out here (not ta
 :mod:`geonorm_fx.geodesic`) and replaces the site's output, i.e. the removed norm: if the detector got
 ``x + s`` or the norm's kind or dimension wrong, the output changes. (It cannot tell a post norm from a
 final norm: that is the structural check's job, :mod:`geonorm_fx.oracles.structure`.)
+
+``sqrt(d)`` is the magnitude of an RMS-scaled output; a norm that is RMSNorm up to a constant (nGPT's
+L2 normalization ``x / |x|``, x-transformers' ScaleNorm) has another one. So the magnitude ``K`` is
+*measured*: the reference run (the original graph) records each post site's sum ``x + s`` and norm
+output ``N``; ``|N_t|`` over the feature dim, per token ``t``, is ``K`` for every token of a
+scale-invariant normalization without affine, and the identity uses ``(K / |x|) Geo*(x, s)``.
+``SiteCheck.norm_gain`` is ``K / sqrt(d)`` (1 for RMS scaling) and ``gain_spread`` the relative spread of
+``|N_t|`` over the tokens: when it is not ~0 the removed norm is not a scale-invariant normalization of
+``x + s``.
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from ..passes.ops import GraphView
 from ..passes.rewrite import rewrite_sites
 from ..passes.sites import analyze
 from .affine import affine_free_copy
+from .graphs import run_tapped
 
 #: which identity checks a site of each kind (None: no identity of section 6 applies)
 IDENTITY_OF = {"pre": "pre", "parallel": "pre", "sandwich": "pre", "post": "post",
@@ -63,14 +73,50 @@ def geodesic_star(x: torch.Tensor, s: torch.Tensor, dim: int = -1) -> torch.Tens
     return torch.cos(angle) * x + torch.sin(angle) * radius * v / v_norm.clamp_min(1e-30)
 
 
-def post_identity(x: torch.Tensor, s: torch.Tensor, norm: str, dim: int = -1) -> torch.Tensor:
+def post_identity(x: torch.Tensor, s: torch.Tensor, norm: str, dim: int = -1,
+                  magnitude: float | None = None) -> torch.Tensor:
     """``N(x + s)`` for an affine-free, eps-free ``norm`` (``"rms_norm"`` / ``"layer_norm"``) over
-    ``dim``, written as ``(sqrt(d) / |x|) Geo*(x, s)``."""
+    ``dim``, written as ``(K / |x|) Geo*(x, s)``; ``K`` = ``magnitude``, the norm's output magnitude per
+    token (``sqrt(d)`` by default: RMS scaling; 1 for an L2 normalization)."""
     x, s = x.double(), s.double()
     if norm == "layer_norm":
         x, s = x - x.mean(dim, keepdim=True), s - s.mean(dim, keepdim=True)
     radius = x.norm(dim=dim, keepdim=True).clamp_min(1e-30)
-    return math.sqrt(x.shape[dim]) / radius * geodesic_star(x, s, dim)
+    k = math.sqrt(x.shape[dim]) if magnitude is None else magnitude
+    return k / radius * geodesic_star(x, s, dim)
+
+
+def norm_magnitude(total: torch.Tensor, out: torch.Tensor, norm: str, dim: int = -1):
+    """Measure ``K`` for ``out = N(total)``: ``(median |out_t|, spread, n_tokens)`` over the tokens ``t`` of
+    ``total`` (feature dim ``dim``) whose (centred, for LayerNorm) state is not ~0; ``spread`` is
+    ``(max - min) / median`` of ``|out_t|``. ``out`` may be a view of the sum's layout (``(B*T, d)``).
+    None when no token can be measured."""
+    d = total.shape[dim]
+    t = total.detach().double().movedim(dim, -1).reshape(-1, d)
+    if norm == "layer_norm":
+        t = t - t.mean(-1, keepdim=True)
+    if out.shape == total.shape:
+        odim = dim
+    elif out.dim() and out.shape[-1] == d:
+        odim = -1
+    else:
+        sizes = [k for k, n in enumerate(out.shape) if n == d]
+        if len(sizes) != 1:
+            return None
+        odim = sizes[0]
+    o = out.detach().double().movedim(odim, -1).reshape(-1, d)
+    t_norm, o_norm = t.norm(dim=-1), o.norm(dim=-1)
+    if o.shape[0] == t.shape[0] and t.shape[0]:
+        valid = (t_norm > 1e-3 * t_norm.median()) & (t_norm * t_norm > d * 1e-8)
+    else:
+        valid = o_norm > 0
+    k = o_norm[valid]
+    if not k.numel():
+        return None
+    median = float(k.median())
+    if not median > 0:
+        return None
+    return median, float(k.max() - k.min()) / median, int(k.numel())
 
 
 # ------------------------------------------------------------------------------------------ the modules
@@ -116,26 +162,32 @@ class PreIdentity(nn.Module):
 
 
 class PostIdentity(nn.Module):
-    """A post site's norm written through the geodesic step: ``(sqrt(d)/|x|) Geo*(x, s)``."""
+    """A post site's norm written through the geodesic step: ``(K/|x|) Geo*(x, s)``, ``K`` the norm's
+    measured output magnitude (``sqrt(d)`` when not measured)."""
 
-    def __init__(self, norm: str, dim: int):
+    def __init__(self, norm: str, dim: int, magnitude: float | None = None):
         super().__init__()
-        self.norm, self.dim = norm, dim
+        self.norm, self.dim, self.magnitude = norm, dim, magnitude
 
     def forward(self, x, s):
-        return post_identity(x, s, self.norm, self.dim).to(x.dtype)
+        return post_identity(x, s, self.norm, self.dim, self.magnitude).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------- the oracle
 @dataclass
 class SiteCheck:
     """What the identities saw at one site: ``identity`` is ``"pre"``, ``"post"`` or None (not checked);
-    ``j`` the measured position in its stream (pre); ``scale_residual`` ``|x' - c x| / |x'|`` (pre)."""
+    ``j`` the measured position in its stream (pre); ``scale_residual`` ``|x' - c x| / |x'|`` (pre);
+    ``norm_gain`` the removed norm's output magnitude over ``sqrt(d)`` (post: 1 for an RMS scaling,
+    ``1/sqrt(d)`` for an L2 normalization; None when it could not be measured) and ``gain_spread`` its
+    relative spread over the tokens (post: ~0 for a scale-invariant normalization of ``x + s``)."""
 
     kind: str
     identity: str | None
     j: float | None = None
     scale_residual: float | None = None
+    norm_gain: float | None = None
+    gain_spread: float | None = None
 
 
 @dataclass
@@ -168,11 +220,21 @@ def run_identities(gm: fx.GraphModule, sites: list, args=(), kwargs=None, *,
         raise GeoNormError(f"no site to check with the {'/'.join(checks)} identity (site kinds: "
                            f"{', '.join(sorted({s.kind for s in sites})) or 'none'}); section 6 of GEONORM.md "
                            "has identities for pre/sandwich/parallel and post sites only")
-    with torch.no_grad():
-        reference = gm(*args, **kwargs)
+    posts = [i for i in chosen if records[i].identity == "post"]
+    reference, values = run_tapped(gm, [n for i in posts for n in (sites[i].sum, sites[i].output)], args, kwargs)
+    magnitudes: dict[int, float] = {}
+    for i in posts:
+        site = sites[i]
+        total, out = values.get(site.sum), values.get(site.output)
+        measured = (norm_magnitude(total, out, site.norm.kind, site.dim)
+                    if isinstance(total, torch.Tensor) and isinstance(out, torch.Tensor) else None)
+        if measured is not None:
+            magnitudes[i] = measured[0]
+            records[i].norm_gain = measured[0] / math.sqrt(total.shape[site.dim])
+            records[i].gain_spread = measured[1]
     state = _State()
     modules = nn.ModuleList(PreIdentity(i, state) if records[i].identity == "pre"
-                            else PostIdentity(sites[i].norm.kind, sites[i].dim) for i in chosen)
+                            else PostIdentity(sites[i].norm.kind, sites[i].dim, magnitudes.get(i)) for i in chosen)
     name = _free_name(gm, "_geonorm_oracle")
     gm.add_module(name, modules)
     rewrite_sites(gm, [sites[i] for i in chosen], [f"{name}.{k}" for k in range(len(chosen))])

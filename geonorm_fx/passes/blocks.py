@@ -40,8 +40,9 @@ def _is_element(path: str) -> bool:
 class ModuleTree:
     """The module paths, classes and invocations recorded on a graph's nodes (``nn_module_stack``)."""
 
-    def __init__(self, view: GraphView):
+    def __init__(self, view: GraphView, not_units: set | frozenset = frozenset()):
         self.view = view
+        self.not_units = set(not_units)   # paths that are never blocks (norm modules applied many times)
         self.classes: dict[str, str] = {}
         self.calls: dict[str, set] = defaultdict(set)
         self.children: dict[str, set] = defaultdict(set)
@@ -119,6 +120,7 @@ class ModuleTree:
                     candidates.append((prefix, _derived_call(prefix, key)))
             candidates.append((path, _call_id(key)))
             previous = path
+        candidates = [c for c in candidates if c[0] not in self.not_units]
         homogeneous = [c for c in candidates if self.homogeneous(c[0])]
         if homogeneous:
             path, call = homogeneous[-1]

@@ -132,28 +132,78 @@ def analyze(view: GraphView) -> Analysis:
     geo_nodes = _geodesic_nodes(view)
     norms = find_norms(view, exclude=geo_nodes)
     ctx = _Context(view, norms, geo_nodes)
-    tree = ModuleTree(view)
-    candidates = _candidates(ctx)
-    sites = _sound(ctx, tree, candidates)
+    tree = ModuleTree(view, not_units=_norm_modules(view, ctx.norm_nodes))
+    candidates, residuals = _candidates(ctx)
+    sites = _sound(ctx, tree, candidates, residuals)
     blocks = _assign_streams_and_blocks(ctx, sites)
     residual_sums = [] if sites else _residual_sums(ctx)
     skipped = _skips(ctx, sites, residual_sums) + _affine_normalized_sums(ctx, sites)
     return Analysis(sites, skipped, blocks)
 
 
+def _norm_modules(view: GraphView, norm_nodes: set) -> set[str]:
+    """Module paths whose own computation is nothing but normalization (a norm module, shared or not): never a
+    block, however often it is applied."""
+    other: set[str] = set()
+    seen: set[str] = set()
+    for node in view.nodes:
+        if node.op in ("placeholder", "output", "get_attr") or view.is_shape_only(node):
+            continue
+        path = view.module_path(node)
+        if path:
+            seen.add(path)
+            if node not in norm_nodes and view.passthrough_input(node) is None:
+                other.add(path)
+    return seen - other
+
+
 # ----- candidates --------------------------------------------------------------------------------------
 
 
-def _candidates(ctx: _Context) -> list[SiteMatch]:
+@dataclass(eq=False)
+class _Residual:
+    """A residual sum ``x + f(x)`` that is not a site (no norm, or not of a GeoNorm kind): what a site
+    nested in its branch ``f`` belongs to."""
+
+    sum: fx.Node
+    stream_value: fx.Node
+    branches: list
+    unit: Unit | None = None
+
+
+def _candidates(ctx: _Context) -> tuple[list[SiteMatch], list[_Residual]]:
+    """Every site candidate, and every other residual sum, in graph order."""
     view = ctx.view
-    out = []
+    sites, residuals = [], []
     for node in view.nodes:
         if node in ctx.geo_nodes or node in ctx.norm_nodes or not _is_sum(view, node) or _is_inner_add(view, node):
             continue
-        site = _classify(ctx, node)
-        if site is not None:
-            out.append(site)
-    return out
+        _visit(ctx, node, True, sites, residuals)
+    sites.sort(key=lambda c: view.index[c.sum])
+    residuals.sort(key=lambda r: view.index[r.sum])
+    return sites, residuals
+
+
+def _visit(ctx: _Context, node: fx.Node, flatten: bool, sites: list, residuals: list) -> None:
+    """Classify one sum. When its flattened terms form no single step (two streams merging:
+    ``towerA(x) + towerB(y)`` whose last steps are inner adds), each inner add is a sum of its own."""
+    view = ctx.view
+    split = _split(ctx, node, flatten)
+    if split is None:
+        if flatten:
+            ops = view.add_operands(node)
+            inner = [op for op in ops if _is_inner_add(view, op)]
+            for op in inner:
+                _visit(ctx, op, True, sites, residuals)
+            if inner:
+                _visit(ctx, node, False, sites, residuals)
+        return
+    site = _kind(ctx, node, *split)
+    if site is not None:
+        sites.append(site)
+    else:
+        x, branches = split[0], split[1]
+        residuals.append(_Residual(node, x.source, branches))
 
 
 def _is_sum(view: GraphView, node: fx.Node) -> bool:
@@ -197,19 +247,25 @@ def _term(view: GraphView, node: fx.Node) -> _Term:
     return _Term(node, view.root(node))
 
 
-def _classify(ctx: _Context, total: fx.Node) -> SiteMatch | None:
-    """Split the flattened sum by dataflow into stream, branches and extras, then name the kind."""
+def _split(ctx: _Context, total: fx.Node, flatten: bool = True):
+    """Split the flattened sum by dataflow into ``(stream term, branches, constants, extras, inner adds)``;
+    None when it is not a residual sum (no term is computed from another)."""
     view = ctx.view
     inner: set = set()
-    terms = [_term(view, t) for t in _terms(view, total, inner)]
-    data = [t for t in terms if not ctx.is_constant(t.node)]
-    if len(data) < 2:
-        return None
+    terms = [_term(view, t) for t in (_terms(view, total, inner) if flatten else view.add_operands(total))]
 
     def feeds(a: _Term, b: _Term) -> bool:
         return any(v is not None and v is not b.source and reaches(view, v, b.node) for v in (a.source, a.inner))
 
+    # a term computed from parameters only is part of the branch sum (a bias), unless the other terms are
+    # computed from it (a learned initial state, Perceiver's latents: the stream)
+    data = [t for t in terms if not ctx.is_constant(t.node) or any(feeds(t, o) for o in terms if o is not t)]
+    if len(data) < 2:
+        return None
+
     sinks = [b for b in data if not any(feeds(b, o) for o in data if o is not b)]
+    if not sinks:
+        return None
     streams = []
     for b in sinks:
         feeders = [a for a in data if a is not b and feeds(a, b)]
@@ -224,7 +280,7 @@ def _classify(ctx: _Context, total: fx.Node) -> SiteMatch | None:
         x.source, x.scale = x.inner, x.node   # the branches read t: ``a*t`` is a scaled skip
     constants = [t.node for t in terms if t not in data]
     extras = [t.node for t in data if t not in sinks and t is not x]
-    return _kind(ctx, total, x, branches, constants, extras, inner)
+    return x, branches, constants, extras, inner
 
 
 def _scaled_stream(view: GraphView, term: fx.Node) -> tuple[fx.Node, str, set] | None:
@@ -345,9 +401,20 @@ def _div_operands(view: GraphView, node: fx.Node):
 def _exclusive_norm(ctx: _Context, total: fx.Node) -> tuple[NormMatch, int] | None:
     """The feature norm that is the only reader of ``total`` (seen through casts and views) and gives its
     result in the stream's layout, if any."""
-    users = ctx.view.data_users(total)
+    view = ctx.view
     for norm, dim in ctx.by_source.get(total, []):
-        if norm.output_in_source_layout and users and all(u in norm.nodes for u in users):
+        if not norm.output_in_source_layout:
+            continue
+        # every reader of the sum, and of the casts/views the norm reads it through, is the norm's own
+        frontier, ok = [total], bool(view.data_users(total))
+        while frontier and ok:
+            node = frontier.pop()
+            for user in view.data_users(node):
+                if user not in norm.nodes:
+                    ok = False
+                elif view.passthrough_input(user) is node:
+                    frontier.append(user)
+        if ok:
             return norm, dim
     return None
 
@@ -396,51 +463,106 @@ OUTSIDE_REASON = ("outside the repeated blocks (a head, pooling head, position/e
                   "not a step of the residual stream of a stack of blocks")
 
 
-def _sound(ctx: _Context, tree: ModuleTree, candidates: list[SiteMatch]) -> list[SiteMatch]:
+def _sound(ctx: _Context, tree: ModuleTree, candidates: list[SiteMatch], residuals: list[_Residual]) \
+        -> list[SiteMatch]:
     """Keep the candidates that are steps of a residual stream of a stack of blocks (module docstring)."""
     view = ctx.view
     for c in candidates:
         c.unit = tree.unit(c.sum) or tree.common_unit(
             [view.root(b) for b in c.branches if isinstance(b, fx.Node)] + [n.output for n in c.norms])
+    for r in residuals:
+        r.unit = tree.unit(r.sum) or tree.common_unit([view.root(b) for b in r.branches])
     if any(c.unit is not None for c in candidates):
         for c in candidates:
             if c.unit is None:
                 ctx.note(c.norms, OUTSIDE_REASON)
         candidates = [c for c in candidates if c.unit is not None]
-    candidates = _resolve_nesting(ctx, tree, candidates)
+    candidates = _resolve_nesting(ctx, candidates, residuals)
     return [c for c in candidates if c.kind not in ("post", "deepnorm") or _sound_post(ctx, tree, c, candidates)]
 
 
-def _resolve_nesting(ctx: _Context, tree: ModuleTree, candidates: list[SiteMatch]) -> list[SiteMatch]:
-    """A candidate ``c`` computed inside the branch of another ``d`` (``d``'s stream reaches ``c`` and ``c``
-    reaches ``d``'s branches): when ``c``'s stream continues ``d``'s without a norm, ``d`` merges the stream
-    with a later state of itself (a skip connection) and is not a step; otherwise ``c`` is part of ``d``'s
-    branch ``f``. In one block the outer step stands; across blocks, or without module information, nothing
-    tells which is the step: both abstain."""
+def _inside(view: GraphView, c: SiteMatch, d) -> bool:
+    """``c`` is computed inside the branch of ``d``: after ``d``'s stream, from it, and feeding a branch."""
+    start, end = view.index[view.root(d.stream_value)], view.index[d.sum]
+    return (c is not d and start < view.index[c.sum] < end and reaches(view, d.stream_value, c.sum)
+            and any(reaches(view, view.root(c.output), b) for b in d.branches if isinstance(b, fx.Node)))
+
+
+def _resolve_nesting(ctx: _Context, candidates: list[SiteMatch], residuals: list[_Residual]) -> list[SiteMatch]:
+    """A candidate ``c`` computed inside the branch of a residual sum ``d`` (a candidate or not):
+
+    - ``d``'s branch is ``c``'s stream carried along (views, casts, scales, adds) from ``d``'s own stream:
+      ``d`` merges two states of one stream (``N(h + stack(h))``); ``c`` stands and a candidate ``d`` is not a
+      step;
+    - ``c`` lies in a repeated unit inside ``d``'s (a stack of blocks inside a wrapper, Swin2SR's stage
+      residual): the stack's steps stand, a candidate ``d`` is a skip connection around them;
+    - otherwise ``c`` is part of ``d``'s branch ``f`` (a norm inside a branch is part of it) when both lie in
+      one block; between two candidates in different or unknown blocks nothing tells which is the step, and
+      both abstain.
+    """
     view = ctx.view
     dropped: set = set()
-    for d in candidates:
-        start = view.index[view.root(d.stream_value)]
-        end = view.index[d.sum]
-        inside = [c for c in candidates if c is not d and start < view.index[c.sum] < end
-                  and reaches(view, d.stream_value, c.sum)
-                  and any(reaches(view, view.root(c.output), b) for b in d.branches if isinstance(b, fx.Node))]
-        for c in inside:
-            if c.stream_value not in ctx.norm_nodes and reaches(view, d.stream_value, c.stream_value,
-                                                                 blocked=ctx.norm_nodes):
-                dropped.add(id(d))
-                ctx.note(d.norms, "its branch carries the residual stream itself (a skip connection that merges "
-                                  f"two states of one stream, around the site at {c.sum.name}): not a step")
-            elif c.unit is not None and c.unit == d.unit:
+    for d in list(candidates) + list(residuals):
+        is_site = isinstance(d, SiteMatch)
+        for c in candidates:
+            if id(c) in dropped or not _inside(view, c, d):
+                continue
+            if _carries_stream(ctx, d.stream_value, c.stream_value) and any(
+                    _carries_stream(ctx, view.root(c.output), view.root(b)) for b in d.branches if isinstance(b, fx.Node)):
+                if is_site:
+                    dropped.add(id(d))
+                    ctx.note(d.norms, "its branch carries the residual stream itself (a skip connection around "
+                                      f"the step at {c.sum.name}): not a step")
+            elif c.unit is not None and c.unit != d.unit and (d.unit is None or c.unit.path.startswith(d.unit.path + ".")):
+                if is_site:  # a stack of blocks inside the branch of a wrapper: the stack's steps stand
+                    dropped.add(id(d))
+                    ctx.note(d.norms, f"wraps a stack of blocks ({c.unit.path}, ...) in its branch: the blocks' "
+                                      "sites are the steps of the stream, this add is a skip connection around them")
+            elif c.unit == d.unit:
                 dropped.add(id(c))
-                ctx.note(c.norms, f"inside the branch of the residual site at {d.sum.name} ({d.path or 'no block'}): "
-                                  "a norm inside a branch f is part of f")
-            else:
+                ctx.note(c.norms, f"inside the branch f of the residual add {d.sum.name} "
+                                  f"({d.unit.path if d.unit else 'same module'}): a norm inside a branch is part of it")
+            elif is_site:
                 dropped |= {id(c), id(d)}
                 ctx.note(c.norms + d.norms, f"a residual add ({c.sum.name}) inside the branch of another "
                                             f"({d.sum.name}) in a different or unknown block: which one is the "
                                             "step of the stream is ambiguous, so neither is rewritten")
     return [c for c in candidates if id(c) not in dropped]
+
+
+_VIEW_TARGETS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
+
+
+def _carries_stream(ctx: _Context, src: fx.Node, dst: fx.Node) -> bool:
+    """``dst`` is the value ``src`` carried along by value-preserving ops, views of any shape, axis
+    permutations, scales and adds (the stream between two steps), not by any other computation."""
+    view = ctx.view
+    frontier, seen = [dst], {dst}
+    while frontier:
+        node = frontier.pop()
+        if node is src:
+            return True
+        if view.index[node] < view.index[src] or node in ctx.boundary:
+            continue
+        nxt = []
+        through = view.passthrough_input(node)
+        perm = view.permutation(node)
+        scaled = _scaled_stream(view, node)
+        if through is not None:
+            nxt = [through]
+        elif perm is not None:
+            nxt = [perm[0]]
+        elif scaled is not None:
+            nxt = [scaled[0]]
+        elif view.add_operands(node) is not None:
+            nxt = list(view.add_operands(node))
+        elif _is_view_op(node) and node.args and isinstance(node.args[0], fx.Node):
+            nxt = [node.args[0]]
+        for n in nxt:
+            if isinstance(n, fx.Node) and n not in seen:
+                seen.add(n)
+                frontier.append(n)
+    return False
 
 
 def _sound_post(ctx: _Context, tree: ModuleTree, c: SiteMatch, candidates: list[SiteMatch]) -> bool:
@@ -533,9 +655,13 @@ def _assign_streams_and_blocks(ctx: _Context, sites: list[SiteMatch]) -> list[in
             carrier[node] = None
             continue
         best = None
+        reshapes = view.passthrough_input(node) is not None or view.permutation(node) is not None \
+            or _is_view_op(node)
         for i in view.data_inputs(node):
             c = carrier.get(i)
-            if c is not None and (best is None or view.index[c.sum] > view.index[best.sum]):
+            if c is None or not (reshapes or _same_size_last(view, i, node)):
+                continue  # (a projection or concatenation that changes the feature size ends the stream)
+            if best is None or view.index[c.sum] > view.index[best.sum]:
                 best = c
         carrier[node] = best
     n_streams = 0
@@ -559,6 +685,16 @@ def _assign_streams_and_blocks(ctx: _Context, sites: list[SiteMatch]) -> list[in
         site.path = site.unit.path if site.unit is not None else ""
         blocks[site.stream] = max(blocks[site.stream], site.block + 1)
     return blocks
+
+
+def _same_size_last(view: GraphView, a: fx.Node, b: fx.Node) -> bool:
+    la, lb = view.last_dim(a), view.last_dim(b)
+    return la is None or lb is None or str(la) == str(lb)
+
+
+def _is_view_op(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and \
+        str(getattr(node.target, "__name__", node.target)).split(".")[0] in _VIEW_TARGETS
 
 
 def _same_feature_size(view: GraphView, a: SiteMatch, b: SiteMatch) -> bool:
