@@ -349,17 +349,22 @@ class L2PostBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+def _loose_rms(x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1.0)
+
+
 class LooseRMSPostBlock(nn.Module):
-    """``F.rms_norm`` with a literal eps of 1 and no module of its own: the affine-free copy cannot make it
-    scale-invariant, so its output magnitude varies with the token."""
+    """An RMSNorm written out with a literal eps of 1 and no module of its own: neither the affine-free copy
+    nor the graph's whole-op eps patch can make it scale-invariant, so its output magnitude varies with the
+    token."""
 
     def __init__(self, d):
         super().__init__()
         self.mix, self.mlp = Mixer(d), MLP(d)
 
     def forward(self, x):
-        x = F.rms_norm(x + self.mix(x), (x.shape[-1],), eps=1.0)
-        return F.rms_norm(x + self.mlp(x), (x.shape[-1],), eps=1.0)
+        x = _loose_rms(x + self.mix(x))
+        return _loose_rms(x + self.mlp(x))
 
 
 def test_post_identity_measures_the_magnitude_of_an_l2_norm():

@@ -132,3 +132,22 @@ def _computes_plain_norm(module: nn.Module, weight: torch.Tensor) -> bool:
             if float((yf - ref).abs().max()) <= tol * float(ref.abs().max()):
                 return True
     return False
+
+
+_EPS_POSITION = {torch.ops.aten.layer_norm.default: 4, torch.ops.aten.native_layer_norm.default: 4,
+                 torch.ops.aten.rms_norm.default: 3, torch.ops.aten.group_norm.default: 4}
+
+
+def tiny_eps_graph(gm, eps: float = TINY_EPS):
+    """Set the eps argument of every whole-op layer/RMS norm call in a captured aten graph to ``eps``: norms
+    whose eps is a literal in the model's code (``F.layer_norm(x, shape, eps=1e-5)``, OLMo's parameter-free
+    LayerNorm) cannot be reached through the module tree. Returns ``gm``, recompiled."""
+    changed = False
+    for node in gm.graph.nodes:
+        pos = _EPS_POSITION.get(node.target) if node.op == "call_function" else None
+        if pos is not None and len(node.args) > pos and isinstance(node.args[pos], float):
+            node.update_arg(pos, eps)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm

@@ -10,7 +10,7 @@ from ..passes.ops import GraphView
 from ..passes.sites import analyze
 from ..report import Report, Site
 from ..schedules import decay_constants
-from .affine import affine_free_copy
+from .affine import affine_free_copy, tiny_eps_graph
 from .identities import IDENTITY_OF, as_module, run_identities
 from .local import ALPHA, local_checks
 
@@ -76,7 +76,7 @@ def check_sites(model, args=(), kwargs=None, *, tracer: str = "auto", tolerance:
     free = affine_free_copy(module)
 
     def detect():
-        gm = capture(free.model, args, kwargs, tracer=tracer, modes=("eval",)).graphs["eval"]
+        gm = tiny_eps_graph(capture(free.model, args, kwargs, tracer=tracer, modes=("eval",)).graphs["eval"])
         return gm, analyze(GraphView(gm))
 
     gm, analysis = detect()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 
+from contextlib import contextmanager
+
 import torch
 from torch import fx, nn
 
@@ -50,7 +52,7 @@ def run_tapped(gm: fx.GraphModule, nodes, args=(), kwargs=None):
             with _inserting_after(gm.graph, node):
                 inserted.append(gm.graph.call_module(f"{name}.{i}", (node,)))
         gm.recompile()
-        with torch.no_grad():
+        with torch.no_grad(), same_randomness():
             out = gm(*args, **kwargs)
     finally:
         for tap in inserted:
@@ -77,3 +79,13 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
         if hasattr(gm, attr):
             setattr(out, attr, getattr(gm, attr))
     return out, val_map
+
+
+@contextmanager
+def same_randomness(seed: int = 0):
+    """Every run of an oracle draws the same random numbers (a model that samples in its forward, e.g.
+    ViT-MAE's random masking, is compared with itself, not with another draw); the caller's RNG state is
+    restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -50,8 +50,8 @@ from ..errors import GeoNormError, InvalidInputError, NoSitesError
 from ..passes.ops import GraphView
 from ..passes.rewrite import rewrite_sites
 from ..passes.sites import analyze
-from .affine import affine_free_copy
-from .graphs import run_tapped
+from .affine import affine_free_copy, tiny_eps_graph
+from .graphs import run_tapped, same_randomness
 
 #: which identity checks a site of each kind (None: no identity of section 6 applies)
 IDENTITY_OF = {"pre": "pre", "parallel": "pre", "sandwich": "pre", "post": "post",
@@ -239,9 +239,11 @@ def run_identities(gm: fx.GraphModule, sites: list, args=(), kwargs=None, *,
     gm.add_module(name, modules)
     rewrite_sites(gm, [sites[i] for i in chosen], [f"{name}.{k}" for k in range(len(chosen))])
     with torch.no_grad():
-        probed = gm(*args, **kwargs)
+        with same_randomness():
+            probed = gm(*args, **kwargs)
         state.mode = "rescale"
-        rescaled = gm(*args, **kwargs)
+        with same_randomness():
+            rescaled = gm(*args, **kwargs)
     for i in chosen:
         if records[i].identity == "pre":
             records[i].j = state.j.get(i, math.nan)
@@ -293,8 +295,8 @@ def prenorm_identity_gap(model, args=(), kwargs=None, *, tracer: str = "auto") -
 def detect_on_affine_free_copy(model, args=(), kwargs=None, *, tracer: str = "auto", who: str = "identity_gap"):
     """Capture an affine-free, tiny-eps copy of ``model`` and run the detector on it: ``(gm, sites)``."""
     args, kwargs = normalize_inputs(args, kwargs)
-    gm = capture(affine_free_copy(as_module(model)).model, args, kwargs, tracer=tracer,
-                 modes=("eval",)).graphs["eval"]
+    gm = tiny_eps_graph(capture(affine_free_copy(as_module(model)).model, args, kwargs, tracer=tracer,
+                                modes=("eval",)).graphs["eval"])
     sites = analyze(GraphView(gm)).sites
     if not sites:
         raise NoSitesError(f"{who} found no residual site in the model")
