@@ -89,7 +89,14 @@ class GeoNormModule(nn.Module):
         def forward(self, *args, **kwargs):
             mode = "train" if self.training else "eval"
             fn = self._geonorm_forward.get(mode) or next(iter(self._geonorm_forward.values()))
-            return fn(self, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                return fn(self, *args, **kwargs)
+            try:
+                return fn(self, *args, **kwargs)
+            except AssertionError as e:
+                if "Guard failed" not in str(e):
+                    raise
+                raise _guard_error(e) from None
 
         forward.__signature__ = signature
         base = type(self).__mro__[1] if type(self).__dict__.get("_geonorm_per_instance") else type(self)
@@ -322,3 +329,13 @@ def _assign(module: nn.Module, target: str, obj) -> None:
         owner.register_parameter(name, obj)
     else:
         setattr(owner, name, obj)
+
+
+def _guard_error(e: AssertionError) -> InputShapeError:
+    """A shape guard of the captured graph (a relation torch.export recorded between sizes, e.g. a sequence
+    length bounded by a chunk size) rejected the call's inputs: say so in the package's terms."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else "Guard failed"
+    return InputShapeError(
+        f"the converted module's capture does not accept these input sizes ({text[:300]}): torch.export tied a "
+        "size to the example's (a sequence length bounded by a chunk size or a fixed-size buffer, a batch "
+        "specialised to 1). Convert with an example of the sizes you will call it with, or remove what ties them")

@@ -159,3 +159,28 @@ def test_dynamic_dims_are_not_checked_and_the_module_still_re_exports():
     again = gf.convert(module, (tokens(),))
     assert again.geonorm_report.dynamic is True and again.geonorm_report.sites == []
     assert again(tokens(batch=3, seq=9)).shape == (3, 9, 32)
+
+
+class _Chunked(nn.Module):
+    """Two pre blocks beside a reshape into chunks of 4 tokens: torch.export keeps the sequence dynamic but
+    guards it to a multiple of 4 (a relation, not a fixed size or a bound)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
+        self.fs = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        chunks = x.reshape(b, t // 4, 4, d).mean(2).repeat_interleave(4, 1)
+        for norm, f in zip(self.norms, self.fs):
+            x = x + f(norm(x)) + 0 * chunks
+        return x
+
+
+def test_a_relational_shape_guard_is_a_geonorm_error():
+    module = gf.convert(_Chunked().eval(), (torch.randn(2, 8, 8),))
+    assert module.geonorm_report.dynamic_dims == {"x": [0, 1]}
+    assert module(torch.randn(3, 12, 8)).shape == (3, 12, 8)
+    with pytest.raises(gf.InputShapeError, match="does not accept these input sizes"):
+        module(torch.randn(3, 7, 8))
