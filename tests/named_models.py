@@ -125,42 +125,23 @@ def window_reverse(windows, ws, H, W):
 # =================================================================================================
 # x-transformers (lucidrains/x-transformers, x_transformers/x_transformers.py)
 
-class XScaleNorm(nn.Module):
-    """x_transformers.py ScaleNorm: ``F.normalize(x, dim=-1) * sqrt(d) * g`` with a scalar ``g``."""
+class XNorm(nn.Module):
+    """x_transformers.py RMSNorm, ScaleNorm and SimpleRMSNorm: ``F.normalize(x, dim=-1) * sqrt(d) * g`` with
+    ``g`` per channel (``gain="channel"``, RMSNorm), a scalar (``"scalar"``, ScaleNorm) or none (``None``,
+    SimpleRMSNorm: no parameter)."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, gain="channel"):
         super().__init__()
         self.scale = dim ** 0.5
-        self.g = nn.Parameter(torch.ones(1))
+        self.g = nn.Parameter(torch.ones(dim if gain == "channel" else 1)) if gain else None
 
     def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale * self.g
+        x = F.normalize(x, dim=-1) * self.scale
+        return x * self.g if self.g is not None else x
 
 
-class XRMSNorm(nn.Module):
-    """x_transformers.py RMSNorm: ``F.normalize(x, dim=-1) * sqrt(d) * g`` with a per-channel ``g``."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.g = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale * self.g
-
-
-class XSimpleRMSNorm(nn.Module):
-    """x_transformers.py SimpleRMSNorm: ``F.normalize(x, dim=-1) * sqrt(d)``, no parameter."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.scale = dim ** 0.5
-
-    def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale
-
-
-X_NORMS = {"use_rmsnorm": XRMSNorm, "use_scalenorm": XScaleNorm, "use_simple_rmsnorm": XSimpleRMSNorm}
+X_NORMS = {"use_rmsnorm": XNorm, "use_scalenorm": lambda dim: XNorm(dim, "scalar"),
+           "use_simple_rmsnorm": lambda dim: XNorm(dim, None)}
 
 
 class XAttention(nn.Module):
@@ -267,44 +248,34 @@ def build_x_transformers(norm):
 # =================================================================================================
 # vit-pytorch MaxViT (lucidrains/vit-pytorch, vit_pytorch/max_vit.py), einops Rearrange/Reduce by hand
 
-class RearrangeBlock(nn.Module):
-    """``Rearrange('b d (x w1) (y w2) -> b x y w1 w2 d')`` (block-like windows)."""
+class RearrangeWindows(nn.Module):
+    """``Rearrange('b d (x w1) (y w2) -> b x y w1 w2 d')`` (block-like windows) or, with ``grid``,
+    ``Rearrange('b d (w1 x) (w2 y) -> b x y w1 w2 d')`` (grid-like windows)."""
 
-    def __init__(self, w):
+    def __init__(self, w, grid=False):
         super().__init__()
-        self.w = w
+        self.w, self.grid = w, grid
 
     def forward(self, t):
         b, d, H, W = t.shape
+        if self.grid:
+            return t.reshape(b, d, self.w, H // self.w, self.w, W // self.w).permute(0, 3, 5, 2, 4, 1)
         return t.reshape(b, d, H // self.w, self.w, W // self.w, self.w).permute(0, 2, 4, 3, 5, 1)
 
 
-class UnrearrangeBlock(nn.Module):
-    """``Rearrange('b x y w1 w2 d -> b d (x w1) (y w2)')``."""
+class UnrearrangeWindows(nn.Module):
+    """``Rearrange('b x y w1 w2 d -> b d (x w1) (y w2)')`` or, with ``grid``,
+    ``Rearrange('b x y w1 w2 d -> b d (w1 x) (w2 y)')``."""
 
-    def forward(self, t):
-        b, x, y, w1, w2, d = t.shape
-        return t.permute(0, 5, 1, 3, 2, 4).reshape(b, d, x * w1, y * w2)
-
-
-class RearrangeGrid(nn.Module):
-    """``Rearrange('b d (w1 x) (w2 y) -> b x y w1 w2 d')`` (grid-like windows)."""
-
-    def __init__(self, w):
+    def __init__(self, grid=False):
         super().__init__()
-        self.w = w
-
-    def forward(self, t):
-        b, d, H, W = t.shape
-        return t.reshape(b, d, self.w, H // self.w, self.w, W // self.w).permute(0, 3, 5, 2, 4, 1)
-
-
-class UnrearrangeGrid(nn.Module):
-    """``Rearrange('b x y w1 w2 d -> b d (w1 x) (w2 y)')``."""
+        self.grid = grid
 
     def forward(self, t):
         b, x, y, w1, w2, d = t.shape
-        return t.permute(0, 5, 3, 1, 4, 2).reshape(b, d, w1 * x, w2 * y)
+        if self.grid:
+            return t.permute(0, 5, 3, 1, 4, 2).reshape(b, d, w1 * x, w2 * y)
+        return t.permute(0, 5, 1, 3, 2, 4).reshape(b, d, x * w1, y * w2)
 
 
 class ReduceMean(nn.Module):
@@ -418,14 +389,14 @@ class MaxViT(nn.Module):
             for i in range(layer_depth):
                 self.layers.append(nn.Sequential(
                     MBConv(d_in if i == 0 else d, d, downsample=i == 0),
-                    RearrangeBlock(w),
+                    RearrangeWindows(w),
                     PreNormResidual(d, MaxAttention(d, dim_head, w)),
                     PreNormResidual(d, MaxFeedForward(d)),
-                    UnrearrangeBlock(),
-                    RearrangeGrid(w),
+                    UnrearrangeWindows(),
+                    RearrangeWindows(w, grid=True),
                     PreNormResidual(d, MaxAttention(d, dim_head, w)),
                     PreNormResidual(d, MaxFeedForward(d)),
-                    UnrearrangeGrid(),
+                    UnrearrangeWindows(grid=True),
                 ))
         self.mlp_head = nn.Sequential(ReduceMean(), nn.LayerNorm(dims[-1]), nn.Linear(dims[-1], num_classes))
 
@@ -566,13 +537,18 @@ class ConvPosEnc(nn.Module):
         return x + self.proj(x)
 
 
-class DavitWindowAttention(nn.Module):
+class QkvAttention(nn.Module):
+    """The parameters shared by timm's fused-qkv attentions (DaViT window and channel attention, SAM):
+    ``qkv`` (dim -> 3 dim), ``proj``, the heads and the scale; each subclass writes its ``forward``."""
+
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+
+class DavitWindowAttention(QkvAttention):
     def forward(self, x):
         B_, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -580,13 +556,7 @@ class DavitWindowAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B_, N, C))
 
 
-class ChannelAttention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
+class ChannelAttention(QkvAttention):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -595,20 +565,35 @@ class ChannelAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-class SpatialBlock(nn.Module):
+class DavitBlock(nn.Module):
+    """What davit.py's SpatialBlock and ChannelBlock share: ``cpe1``, ``norm1``, ``attn`` (built by
+    ``attn()``), ``cpe2``, ``norm2``, ``mlp``, and the second half of the forward (``cpe2`` on the NCHW view,
+    the MLP site on the flattened view, back to NCHW)."""
+
+    def __init__(self, dim, attn):
+        super().__init__()
+        self.cpe1 = ConvPosEnc(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn()
+        self.cpe2 = ConvPosEnc(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = TimmMlp(dim, 4 * dim)
+
+    def _mlp_half(self, x, B, C, H, W):
+        x = self.cpe2(x.transpose(1, 2).view(B, C, H, W))
+        x = x.flatten(2).transpose(1, 2)
+        x = x + self.mlp(self.norm2(x))
+        return x.transpose(1, 2).view(B, C, H, W)
+
+
+class SpatialBlock(DavitBlock):
     """davit.py SpatialBlock: NCHW in; ``shortcut = cpe1(x).flatten(2).transpose(1, 2)``; windowed attention
     on ``norm1(shortcut)``; ``x = shortcut + attn``; ``cpe2`` on the NCHW view; MLP site on the flattened
     view; back to NCHW."""
 
     def __init__(self, dim, num_heads, window_size):
-        super().__init__()
+        super().__init__(dim, lambda: DavitWindowAttention(dim, num_heads))
         self.window_size = window_size
-        self.cpe1 = ConvPosEnc(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = DavitWindowAttention(dim, num_heads)
-        self.cpe2 = ConvPosEnc(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = TimmMlp(dim, 4 * dim)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -617,52 +602,42 @@ class SpatialBlock(nn.Module):
         windows = window_partition(x, self.window_size).view(-1, self.window_size ** 2, C)
         windows = self.attn(windows).view(-1, self.window_size, self.window_size, C)
         x = window_reverse(windows, self.window_size, H, W).reshape(B, H * W, C)
-        x = shortcut + x
-        x = self.cpe2(x.transpose(1, 2).view(B, C, H, W))
-        x = x.flatten(2).transpose(1, 2)
-        x = x + self.mlp(self.norm2(x))
-        return x.transpose(1, 2).view(B, C, H, W)
+        return self._mlp_half(shortcut + x, B, C, H, W)
 
 
-class ChannelBlock(nn.Module):
+class ChannelBlock(DavitBlock):
     """davit.py ChannelBlock: as SpatialBlock with channel attention over all tokens."""
 
     def __init__(self, dim, num_heads):
-        super().__init__()
-        self.cpe1 = ConvPosEnc(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = ChannelAttention(dim, num_heads)
-        self.cpe2 = ConvPosEnc(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = TimmMlp(dim, 4 * dim)
+        super().__init__(dim, lambda: ChannelAttention(dim, num_heads))
 
     def forward(self, x):
         B, C, H, W = x.shape
         x = self.cpe1(x).flatten(2).transpose(1, 2)
-        x = x + self.attn(self.norm1(x))
-        x = self.cpe2(x.transpose(1, 2).view(B, C, H, W))
-        x = x.flatten(2).transpose(1, 2)
-        x = x + self.mlp(self.norm2(x))
-        return x.transpose(1, 2).view(B, C, H, W)
+        return self._mlp_half(x + self.attn(self.norm1(x)), B, C, H, W)
 
 
-class DavitDownsample(nn.Module):
-    """davit.py Downsample: LayerNorm2d then a stride-2 conv changing the channels."""
+class Downsampling(nn.Module):
+    """metaformer.py Downsampling: ``norm`` then a conv changing the channels; davit.py's Downsample is
+    ``Downsampling(in, out, 2, 2, norm_layer=LayerNorm2d)``."""
 
-    def __init__(self, in_chs, out_chs):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm_layer=None):
         super().__init__()
-        self.norm = LayerNorm2d(in_chs)
-        self.conv = nn.Conv2d(in_chs, out_chs, 2, stride=2)
+        self.norm = norm_layer(in_channels) if norm_layer else nn.Identity()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x):
         return self.conv(self.norm(x))
 
 
-class DavitStem(nn.Module):
-    def __init__(self, in_chs, out_chs):
+class ConvStem(nn.Module):
+    """The stem of davit.py (``padding=3``, LayerNorm2d) and metaformer.py (``padding=2``,
+    LayerNorm2dNoBias): a 7x7 stride-4 conv, then ``norm``."""
+
+    def __init__(self, in_chs, out_chs, padding=3, norm_layer=LayerNorm2d):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, 7, stride=4, padding=3)
-        self.norm = LayerNorm2d(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, 7, stride=4, padding=padding)
+        self.norm = norm_layer(out_chs)
 
     def forward(self, x):
         return self.norm(self.conv(x))
@@ -671,7 +646,7 @@ class DavitStem(nn.Module):
 class DavitStage(nn.Module):
     def __init__(self, in_chs, out_chs, depth, downsample, num_heads, window_size):
         super().__init__()
-        self.downsample = DavitDownsample(in_chs, out_chs) if downsample else nn.Identity()
+        self.downsample = Downsampling(in_chs, out_chs, 2, 2, norm_layer=LayerNorm2d) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[nn.Sequential(SpatialBlock(out_chs, num_heads, window_size),
                                                     ChannelBlock(out_chs, num_heads)) for _ in range(depth)])
 
@@ -699,7 +674,7 @@ class DaViT(nn.Module):
 
     def __init__(self, dims=(16, 32), depths=(1, 1), heads=(2, 4), window_size=4):
         super().__init__()
-        self.stem = DavitStem(3, dims[0])
+        self.stem = ConvStem(3, dims[0])
         self.stages = nn.Sequential(*[DavitStage(dims[max(i - 1, 0)], dims[i], depths[i], i > 0, heads[i], window_size)
                                       for i in range(len(dims))])
         self.head = NormMlpClassifierHead(dims[-1])
@@ -838,14 +813,8 @@ def build_tinyvit():
 # =================================================================================================
 # timm SAM ViT (timm/models/vision_transformer_sam.py; segment-anything image_encoder.py)
 
-class SamAttention(nn.Module):
+class SamAttention(QkvAttention):
     """vision_transformer_sam.py Attention on ``(B, H, W, C)`` (relative position terms left out)."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, H, W, _ = x.shape
@@ -974,22 +943,6 @@ class EdgeConvBlock(nn.Module):
         return shortcut + x.permute(0, 3, 1, 2)
 
 
-class CrossCovarianceAttn(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
-        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
-        x = attn.softmax(dim=-1) @ v
-        return self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C))
-
-
 class SplitTransposeBlock(nn.Module):
     """edgenext.py SplitTransposeBlock (SDTA): split/depthwise-conv the channels, flatten to ``(B, N, C)``,
     position add, ``x = x + gamma_xca * xca(norm_xca(x))``, reshape to NHWC, ``norm``, MLP, ``gamma``,
@@ -1006,7 +959,7 @@ class SplitTransposeBlock(nn.Module):
         self.pos_embd = PositionalEncodingFourier(dim=dim) if use_pos_emb else None
         self.norm_xca = nn.LayerNorm(dim, eps=1e-6)
         self.gamma_xca = nn.Parameter(ls_init_value * torch.ones(dim))
-        self.xca = CrossCovarianceAttn(dim, num_heads)
+        self.xca = XCA(dim, num_heads)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = TimmMlp(dim, 4 * dim)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim))
@@ -1143,7 +1096,8 @@ class LPI(nn.Module):
 
 
 class XCA(nn.Module):
-    """xcit.py XCA (the non-fused branch): l2-normalized q, k over the tokens, temperature."""
+    """xcit.py XCA (the non-fused branch): l2-normalized q, k over the tokens, temperature. edgenext.py's
+    CrossCovarianceAttn is the same module."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -1360,16 +1314,6 @@ class MetaFormerBlock(nn.Module):
         return geo(self.res_scale2(x), self.layer_scale2(self.mlp(self.norm2(x))), k, dim)
 
 
-class Downsampling(nn.Module):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm_layer=None):
-        super().__init__()
-        self.norm = norm_layer(in_channels) if norm_layer else nn.Identity()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-
-    def forward(self, x):
-        return self.conv(self.norm(x))
-
-
 class MetaFormerStage(nn.Module):
     """metaformer.py MetaFormerStage: Downsampling when the width changes; attention stages run their
     blocks on ``x.reshape(B, C, -1).transpose(1, 2)`` and go back with ``transpose(1, 2).reshape``."""
@@ -1415,16 +1359,6 @@ class MlpHead(nn.Module):
         return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
-class MetaStem(nn.Module):
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 7, stride=4, padding=2)
-        self.norm = LayerNorm2dNoBias(out_channels)
-
-    def forward(self, x):
-        return self.norm(self.conv(x))
-
-
 class CAFormer(nn.Module):
     """timm/models/metaformer.py MetaFormer as ``caformer_s18`` (SepConv stages with LayerNorm2dNoBias and
     no residual scale, then Attention stages with LayerNormNoBias and a per-channel ``res_scale`` 1.0),
@@ -1433,7 +1367,7 @@ class CAFormer(nn.Module):
 
     def __init__(self, dims=(16, 32), depths=(1, 2), num_classes=5):
         super().__init__()
-        self.stem = MetaStem(3, dims[0])
+        self.stem = ConvStem(3, dims[0], padding=2, norm_layer=LayerNorm2dNoBias)
         mixers, norms, res_scales = (SepConv, MetaAttention), (LayerNorm2dNoBias, LayerNormNoBias), (None, 1.0)
         self.stages = nn.Sequential(*[MetaFormerStage(dims[max(i - 1, 0)], dims[i], depths[i], mixers[i], norms[i],
                                                       res_scales[i]) for i in range(len(dims))])

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from . import D, VOCAB, Kept, S, case, geo, token_inputs
-from .blocks import LM, LN, MLP, RMS, Mix, Post, Pre, lm_ref
+from .blocks import LM, LN, MLP, RMS, LayerScaleBlock, Mix, Post, Pre, Pre1, Stepped2, lm_ref, stack
+from .streams import Stages
 
 
 class Transition(nn.Module):
@@ -22,32 +23,6 @@ class Transition(nn.Module):
         return self.shortcut(x) + self.mlp(self.norm(x))
 
 
-class ProjStages(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.stage1 = nn.ModuleList([Pre(D), Pre(D)])
-        self.transition = Transition()
-        self.stage2 = nn.ModuleList([Pre(2 * D), Pre(2 * D)])
-        self.final = LN(2 * D)
-        self.head = nn.Linear(2 * D, VOCAB)
-
-    def _run(self, t, step):
-        x = self.embed(t)
-        for k, b in enumerate(self.stage1):
-            x = step(b, x, k)
-        x = self.transition(x)
-        for k, b in enumerate(self.stage2):
-            x = step(b, x, k)
-        return self.head(self.final(x))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
-
-
 @case("projection-shortcut-transition", sites=S("pre", 0, 0, 1, per=2) + S("pre", 1, 0, 1, per=2),
       inputs=token_inputs(), ref=lm_ref,
       kept=[Kept("transition.norm", why="the add's skip is shortcut(x), not x"), Kept("final", why="final norm")])
@@ -56,7 +31,7 @@ def projection_shortcut():
     not the state the norm reads (not ``x``, nor ``a*x`` with a number/scalar/vector ``a``), so it is
     not a site (its norm skipped); every path to the second stage changes the feature size: a new
     stream restarting at block 0 (the transition is a single module, not a block)."""
-    return ProjStages()
+    return Stages(between=Transition, name="transition")
 
 
 class SplitNorm(nn.Module):
@@ -130,19 +105,13 @@ def add_alpha():
     return LM([AddAlpha(), AddAlpha()])
 
 
-class AddCMul(nn.Module):
+class AddCMul(LayerScaleBlock):
     def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.g1 = LN(), Mix(), nn.Parameter(0.4 + 0.1 * torch.randn(D))
-        self.n2, self.mlp, self.g2 = LN(), MLP(), nn.Parameter(0.4 + 0.1 * torch.randn(D))
+        super().__init__(init=0.4)
 
     def forward(self, x):
         x = torch.addcmul(x, self.g1, self.mix(self.n1(x)))
         return torch.addcmul(x, self.mlp(self.n2(x)), self.g2)
-
-    def geonorm(self, x, k):
-        x = geo(x, self.g1 * self.mix(self.n1(x)), k)
-        return geo(x, self.mlp(self.n2(x)) * self.g2, k)
 
 
 @case("addcmul-layerscale", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -248,12 +217,11 @@ def gemma_rms():
     return LM([Pre(norm=GemmaRMS), Pre(norm=GemmaRMS)], final=GemmaRMS)
 
 
-class AuxBlock(nn.Module):
+class AuxBlock(Pre1):
     """Returns ``(x + f(N(x)), aux)`` with an auxiliary loss computed from the branch output."""
 
     def __init__(self):
-        super().__init__()
-        self.n, self.f = RMS(), MLP()
+        super().__init__(norm=RMS)
 
     def forward(self, x):
         s = self.f(self.n(x))
@@ -272,12 +240,6 @@ class AuxModel(LM):
             x, a = step(b, x, k)
             aux = aux + a
         return self.head(self.final(x)), aux
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 @case("block-returns-aux-tuple", sites=S("pre", 0, 0, 1, 2), inputs=token_inputs(), ref=lm_ref,
@@ -337,12 +299,6 @@ class Masked(LM):
         for k, b in enumerate(self.blocks):
             x = step(b, x, k) * mask
         return self.head(self.final(x))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 def _padded_inputs():
@@ -465,20 +421,12 @@ def parallel3():
     return LM([Parallel3(), Parallel3()])
 
 
-class PySum(nn.Module):
+class PySum(Post):
     """``N(sum([x, f(x)]))``: Python's ``sum`` starts from 0, so the graph holds ``(0 + x) + f(x)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.mix, self.n1, self.mlp, self.n2 = Mix(), LN(), MLP(), LN()
 
     def forward(self, x):
         x = self.n1(sum([x, self.mix(x)]))
         return self.n2(sum([x, self.mlp(x)]))
-
-    def geonorm(self, x, k):
-        x = geo(x, self.mix(x), k)
-        return geo(x, self.mlp(x), k)
 
 
 @case("python-sum-post", sites=S("post", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref, abstain=True,
@@ -524,7 +472,7 @@ def shared_norms():
     return SharedNorms()
 
 
-class Siamese(nn.Module):
+class Siamese(Stepped2):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
@@ -533,16 +481,9 @@ class Siamese(nn.Module):
         self.head = nn.Linear(D, 4)
 
     def _tower(self, t, step):
-        x = self.embed(t)
-        for k, b in enumerate(self.tower):
-            x = step(b, x, k)
-        return self.head(self.final(x))
+        return self.head(self.final(stack(self.tower, self.embed(t), step)))
 
-    def forward(self, a, b):
-        return self._tower(a, lambda blk, x, k: blk(x)), self._tower(b, lambda blk, x, k: blk(x))
-
-    def geonorm(self, a, b):
-        step = lambda blk, x, k: blk.geonorm(x, k)  # noqa: E731
+    def _run(self, a, b, step):
         return self._tower(a, step), self._tower(b, step)
 
 
@@ -584,7 +525,7 @@ class DiTBlock(nn.Module):
         return geo(x, g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2), k)
 
 
-class DiT(nn.Module):
+class DiT(Stepped2):
     def __init__(self):
         super().__init__()
         self.x_embed, self.t_embed = nn.Linear(4, D), nn.Linear(1, D)
@@ -595,16 +536,9 @@ class DiT(nn.Module):
     def _run(self, x, t, step):
         x = self.x_embed(x)
         c = self.t_embed(t.unsqueeze(-1))
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, c, k)
+        x = stack(self.blocks, x, step, c)
         shift, scale = self.ada_final(torch.nn.functional.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         return self.out(self.norm_final(x) * (1 + scale) + shift)
-
-    def forward(self, x, t):
-        return self._run(x, t, lambda b, x, c, k: b(x, c))
-
-    def geonorm(self, x, t):
-        return self._run(x, t, lambda b, x, c, k: b.geonorm(x, c, k))
 
 
 def _dit_inputs():

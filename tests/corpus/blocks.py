@@ -66,11 +66,11 @@ class Attn(nn.Module):
 
 
 class Pre(nn.Module):
-    """Pre-Norm block, two sites: ``x + mix(n1(x))``, ``x + mlp(n2(x))``."""
+    """Pre-Norm block, two sites: ``x + mix(n1(x))``, ``x + mlp(n2(x))`` (``norm2``: another norm for n2)."""
 
-    def __init__(self, d=D, norm=LN, mixer=Mix):
+    def __init__(self, d=D, norm=LN, mixer=Mix, norm2=None):
         super().__init__()
-        self.n1, self.mix, self.n2, self.mlp = norm(d), mixer(d), norm(d), MLP(d)
+        self.n1, self.mix, self.n2, self.mlp = norm(d), mixer(d), (norm2 or norm)(d), MLP(d)
 
     def forward(self, x):
         x = x + self.mix(self.n1(x))
@@ -79,6 +79,24 @@ class Pre(nn.Module):
     def geonorm(self, x, k):
         x = geo(x, self.mix(self.n1(x)), k)
         return geo(x, self.mlp(self.n2(x)), k)
+
+
+class LayerScaleBlock(nn.Module):
+    """Pre-Norm block with LayerScale, two sites: ``x + g1 * mix(n1(x))``, ``x + mlp(n2(x)) * g2`` (per-channel
+    gains drawn around ``init``)."""
+
+    def __init__(self, d=D, init=0.3):
+        super().__init__()
+        self.n1, self.mix, self.g1 = LN(d), Mix(d), nn.Parameter(init + 0.1 * torch.randn(d))
+        self.n2, self.mlp, self.g2 = LN(d), MLP(d), nn.Parameter(init + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        x = x + self.g1 * self.mix(self.n1(x))
+        return x + self.mlp(self.n2(x)) * self.g2
+
+    def geonorm(self, x, k):
+        x = geo(x, self.g1 * self.mix(self.n1(x)), k)
+        return geo(x, self.mlp(self.n2(x)) * self.g2, k)
 
 
 class Pre1(nn.Module):
@@ -123,7 +141,65 @@ class NormFree(nn.Module):
         return x + self.mlp(x)
 
 
-class LM(nn.Module):
+class ResPost(nn.Module):
+    """Res-post-norm block (SwinV2 / Swin2SR; OLMo 2 with RMSNorm), two sites: ``x + n1(mix(x))``,
+    ``x + n2(mlp(x))``."""
+
+    def __init__(self, d=D, norm=LN):
+        super().__init__()
+        self.mix, self.n1, self.mlp, self.n2 = Mix(d), norm(d), MLP(d), norm(d)
+
+    def forward(self, x):
+        x = x + self.n1(self.mix(x))
+        return x + self.n2(self.mlp(x))
+
+    def geonorm(self, x, k):
+        x = geo(x, self.n1(self.mix(x)), k)
+        return geo(x, self.n2(self.mlp(x)), k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# models written once as ``_run(*inputs, step)``: ``step(block, x, k, *context)`` applies block ``k``
+
+def plain(block, x, k, *context):
+    """A block as it is: ``block(x, *context)``."""
+    return block(x, *context)
+
+
+def rewritten(block, x, k, *context):
+    """A block after the rewrite (the hand-written reference): ``block.geonorm(x, *context, k)``."""
+    return block.geonorm(x, *context, k)
+
+
+def stack(blocks, x, step, *context, k0=0):
+    """Apply ``blocks`` in order to the stream ``x``, numbered from ``k0``."""
+    for k, block in enumerate(blocks):
+        x = step(block, x, k0 + k, *context)
+    return x
+
+
+class Stepped(nn.Module):
+    """A model with one input whose computation is ``_run(t, step)``: ``forward`` runs its blocks as they
+    are, ``geonorm`` (the float64 GeoNorm reference) runs their rewritten steps."""
+
+    def forward(self, t):
+        return self._run(t, plain)
+
+    def geonorm(self, t):
+        return self._run(t, rewritten)
+
+
+class Stepped2(nn.Module):
+    """As :class:`Stepped`, for a model with two inputs: ``_run(a, b, step)``."""
+
+    def forward(self, a, b):
+        return self._run(a, b, plain)
+
+    def geonorm(self, a, b):
+        return self._run(a, b, rewritten)
+
+
+class LM(Stepped):
     """Embedding -> blocks (a ModuleList) -> optional final norm -> head."""
 
     def __init__(self, blocks, d=D, vocab=VOCAB, final=LN):
@@ -133,18 +209,8 @@ class LM(nn.Module):
         self.final = final(d) if final else None
         self.head = nn.Linear(d, vocab)
 
-    def forward(self, t):
-        x = self.embed(t)
-        for block in self.blocks:
-            x = block(x)
-        if self.final is not None:
-            x = self.final(x)
-        return self.head(x)
-
-    def geonorm(self, t):
-        x = self.embed(t)
-        for k, block in enumerate(self.blocks):
-            x = block.geonorm(x, k)
+    def _run(self, t, step):
+        x = stack(self.blocks, self.embed(t), step)
         if self.final is not None:
             x = self.final(x)
         return self.head(x)

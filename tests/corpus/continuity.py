@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from . import D, VOCAB, Kept, S, case, token_inputs
-from .blocks import LN, Pre
+from .blocks import LN, Pre, Stepped
 
 
-class Between(nn.Module):
+class Between(Stepped):
     """Three Pre-Norm blocks with ``op`` applied to the stream between consecutive blocks."""
 
     def __init__(self, op):
@@ -41,12 +41,6 @@ class Between(nn.Module):
             if k < len(self.blocks) - 1:
                 x = self._between(x, t, k)
         return self.head(self.final(x.mean(1)))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 _SITES = S("pre", 0, 0, 1, 2, per=2)

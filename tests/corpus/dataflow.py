@@ -6,10 +6,10 @@ from __future__ import annotations
 from torch import nn
 
 from . import D, VOCAB, Kept, S, SHAPES, case, geo, token_inputs, tokens
-from .blocks import LN, MLP, Mix, Pre, Pre1
+from .blocks import LN, MLP, Mix, Pre, Pre1, Stepped, Stepped2, stack
 
 
-class LastStates(nn.Module):
+class LastStates(Stepped):
     """Three one-site Pre-Norm blocks; the head reads the sum of the last ``n`` states."""
 
     def __init__(self, n=2):
@@ -29,12 +29,6 @@ class LastStates(nn.Module):
             out = out + h[-3]
         return self.head(self.final(out))
 
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
-
 
 @case("sum-last-two-states", sites=S("pre", 0, 0, 1, 2), inputs=token_inputs(), ref=lambda m, t: m.geonorm(t),
       kept=[Kept("final", why="final norm")])
@@ -44,7 +38,7 @@ def last_two():
     return LastStates(2)
 
 
-class Injection(nn.Module):
+class Injection(Stepped):
     """``h = LN(e)``; each block: ``h = block(h) + e`` (or ``e + block(h)``)."""
 
     def __init__(self, order="after"):
@@ -62,12 +56,6 @@ class Injection(nn.Module):
         for k, b in enumerate(self.blocks):
             h = step(b, h, k) + e if self.order == "after" else e + step(b, h, k)
         return self.head(self.final(h))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 _INJ_KEPT = [Kept("emb_norm", why="embedding norm"), Kept("final", why="final norm")]
@@ -93,7 +81,7 @@ class InjectBlock(nn.Module):
         return geo(x, self.f(self.n(x)), k) + e
 
 
-class InjectInside(nn.Module):
+class InjectInside(Stepped):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
@@ -101,19 +89,9 @@ class InjectInside(nn.Module):
         self.final = LN()
         self.head = nn.Linear(D, VOCAB)
 
-    def forward(self, t):
+    def _run(self, t, step):
         e = self.embed(t)
-        h = e
-        for b in self.blocks:
-            h = b(h, e)
-        return self.head(self.final(h))
-
-    def geonorm(self, t):
-        e = self.embed(t)
-        h = e
-        for k, b in enumerate(self.blocks):
-            h = b.geonorm(h, e, k)
-        return self.head(self.final(h))
+        return self.head(self.final(stack(self.blocks, e, step, e)))
 
 
 @case("input-injection-inside-right-assoc", sites=S("pre", 0, 0, 1, 2), inputs=token_inputs(),
@@ -127,7 +105,7 @@ def injection_inside():
     return InjectInside()
 
 
-class Dense(nn.Module):
+class Dense(Stepped):
     """DenseNet-style: each block reads the sum of all earlier states."""
 
     def __init__(self):
@@ -146,12 +124,6 @@ class Dense(nn.Module):
             hs.append(step(b, u, k))
         return self.head(self.final(hs[-1]))
 
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
-
 
 @case("densenet-sum-of-states", sites=S("pre", 0, 0, 1, 2), inputs=token_inputs(),
       ref=lambda m, t: m.geonorm(t), kept=[Kept("final", why="final norm")])
@@ -161,7 +133,7 @@ def densenet():
     return Dense()
 
 
-class UNet(nn.Module):
+class UNet(Stepped):
     """A U-Net of pre blocks at one width: down stack, up stack, skips added before each up block."""
 
     def __init__(self):
@@ -182,12 +154,6 @@ class UNet(nn.Module):
             x = step(b, x + skips.pop() if k else x, len(self.down) + k)
         return self.head(self.final(x))
 
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
-
 
 @case("unet-skips", sites=S("pre", 0, 0, 1, 2, 3, 4, per=2), inputs=token_inputs(),
       ref=lambda m, t: m.geonorm(t), kept=[Kept("final", why="final norm")])
@@ -198,7 +164,7 @@ def unet():
     return UNet()
 
 
-class Towers(nn.Module):
+class Towers(Stepped2):
     def __init__(self):
         super().__init__()
         self.emb_a, self.emb_b = nn.Embedding(VOCAB, D), nn.Embedding(VOCAB, D)
@@ -208,19 +174,8 @@ class Towers(nn.Module):
         self.head = nn.Linear(D, VOCAB)
 
     def _run(self, a, b, step):
-        x = self.emb_a(a)
-        for k, blk in enumerate(self.tower_a):
-            x = step(blk, x, k)
-        y = self.emb_b(b)
-        for k, blk in enumerate(self.tower_b):
-            y = step(blk, y, k)
-        return self.head(self.final(x + y))
-
-    def forward(self, a, b):
-        return self._run(a, b, lambda blk, x, k: blk(x))
-
-    def geonorm(self, a, b):
-        return self._run(a, b, lambda blk, x, k: blk.geonorm(x, k))
+        x = stack(self.tower_a, self.emb_a(a), step)
+        return self.head(self.final(x + stack(self.tower_b, self.emb_b(b), step)))
 
 
 @case("two-towers-merge", sites=S("pre", 0, 0, 1, per=2) + S("pre", 1, 0, 1, per=2),

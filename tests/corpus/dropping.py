@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import D, Kept, S, case, geo, token_inputs
-from .blocks import LM, LN, MLP, RMS, Mix, lm_ref
+from .blocks import LM, LN, MLP, RMS, Mix, lm_ref, stack
 
 
 class DropPath(nn.Module):
@@ -40,27 +40,23 @@ class DPBlock(nn.Module):
             self.gamma1 = nn.Parameter(0.5 + 0.1 * torch.randn(D))
             self.gamma2 = nn.Parameter(0.5 + 0.1 * torch.randn(D))
 
-    def _s1(self, x):
+    def _s(self, x, i):
+        """The update of site ``i``: the branch ``mix`` (1) or ``mlp`` (2) with its norm ``n{i}``, DropPath
+        ``dp{i}`` and, for "layerscale", gain ``gamma{i}``."""
+        n, f, dp = getattr(self, f"n{i}"), (self.mix, self.mlp)[i - 1], getattr(self, f"dp{i}")
         if self.kind == "respost":
-            return self.dp1(self.n1(self.mix(x)))
+            return dp(n(f(x)))
         if self.kind == "layerscale":
-            return self.dp1(self.gamma1 * self.mix(self.n1(x)))
-        return self.dp1(self.mix(self.n1(x)))
-
-    def _s2(self, x):
-        if self.kind == "respost":
-            return self.dp2(self.n2(self.mlp(x)))
-        if self.kind == "layerscale":
-            return self.dp2(self.gamma2 * self.mlp(self.n2(x)))
-        return self.dp2(self.mlp(self.n2(x)))
+            return dp(getattr(self, f"gamma{i}") * f(n(x)))
+        return dp(f(n(x)))
 
     def forward(self, x):
-        x = x + self._s1(x)
-        return x + self._s2(x)
+        x = x + self._s(x, 1)
+        return x + self._s(x, 2)
 
     def geonorm(self, x, k):
-        x = geo(x, self._s1(x), k)
-        return geo(x, self._s2(x), k)
+        x = geo(x, self._s(x, 1), k)
+        return geo(x, self._s(x, 2), k)
 
 
 @case("droppath-pre-train", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -78,8 +74,6 @@ def dp_respost_train():
     """SwinV2 res-post-norm with stochastic depth after the branch-output norm, ``x + drop_path(N(f(x)))``,
     converted in train mode: 4 respost sites in both modes."""
     return LM([DPBlock("respost"), DPBlock("respost")])
-
-
 
 
 class DropoutPost(nn.Module):
@@ -105,16 +99,7 @@ class DropoutBert(LM):
         self.emb_norm, self.emb_drop = LN(), nn.Dropout(0.1)
 
     def _run(self, t, step):
-        x = self.emb_drop(self.emb_norm(self.embed(t)))
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, k)
-        return self.head(x)
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
+        return self.head(stack(self.blocks, self.emb_drop(self.emb_norm(self.embed(t))), step))
 
 
 @case("dropout-train-bert-post", sites=S("post", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import D, VOCAB, Kept, S, case, float_inputs, geo, token_inputs
-from .blocks import LM, LN, MLP, RMS, Mix, NormFree, Pre
+from . import D, VOCAB, Kept, S, case, float_inputs, token_inputs
+from .blocks import LM, LN, MLP, RMS, NormFree, Pre, ResPost, Stepped, stack
 
 
 class ReZero(nn.Module):
@@ -67,7 +67,7 @@ def normfree_final_functional_rms():
     return NormFreeSeq("F.rms_norm")
 
 
-class TailResidual(nn.Module):
+class TailResidual(Stepped):
     """Blocks, then ``final(x + tail(x))`` written in the root's forward (the tail is not a block)."""
 
     def __init__(self, blocks):
@@ -78,16 +78,8 @@ class TailResidual(nn.Module):
         self.final = LN()
         self.head = nn.Linear(D, VOCAB)
 
-    def forward(self, t):
-        x = self.embed(t)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.final(x + self.tail(x)))
-
-    def geonorm(self, t):
-        x = self.embed(t)
-        for k, b in enumerate(self.blocks):
-            x = b.geonorm(x, k)
+    def _run(self, t, step):
+        x = stack(self.blocks, self.embed(t), step)
         return self.head(self.final(x + self.tail(x)))
 
 
@@ -108,23 +100,7 @@ def pre_tail():
     return TailResidual([Pre(), Pre()])
 
 
-class ResPost(nn.Module):
-    """SwinV2 / Swin2SR res-post-norm block: ``x + n1(mix(x))``, ``x + n2(mlp(x))``."""
-
-    def __init__(self, d=D):
-        super().__init__()
-        self.mix, self.n1, self.mlp, self.n2 = Mix(d), LN(d), MLP(d), LN(d)
-
-    def forward(self, x):
-        x = x + self.n1(self.mix(x))
-        return x + self.n2(self.mlp(x))
-
-    def geonorm(self, x, k):
-        x = geo(x, self.n1(self.mix(x)), k)
-        return geo(x, self.n2(self.mlp(x)), k)
-
-
-class Swin2SRLike(nn.Module):
+class Swin2SRLike(Stepped):
     """``x0 = conv_first(inp)``; ``out = conv_after_body(norm(layers(x0))) + x0``; ``upsample(out)``."""
 
     def __init__(self, blocks):
@@ -135,19 +111,9 @@ class Swin2SRLike(nn.Module):
         self.conv_after_body = nn.Linear(D, D)
         self.upsample = nn.Linear(D, 6)
 
-    def forward(self, inp):
+    def _run(self, inp, step):
         x0 = self.conv_first(inp)
-        h = x0
-        for layer in self.layers:
-            h = layer(h)
-        return self.upsample(self.conv_after_body(self.norm(h)) + x0)
-
-    def geonorm(self, inp):
-        x0 = self.conv_first(inp)
-        h = x0
-        for k, layer in enumerate(self.layers):
-            h = layer.geonorm(h, k)
-        return self.upsample(self.conv_after_body(self.norm(h)) + x0)
+        return self.upsample(self.conv_after_body(self.norm(stack(self.layers, x0, step))) + x0)
 
 
 @case("swin2sr-respost-tail", sites=S("respost", 0, 0, 1, per=2), inputs=float_inputs(),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import D, SHAPES, VOCAB, Kept, S, case, geo, randn, token_inputs
-from .blocks import LM, LN, MLP, RMS, Attn, Mix, Post, Pre, Pre1, lm_ref
+from .blocks import LM, LN, MLP, RMS, Attn, LayerScaleBlock, Mix, Post, Pre, Pre1, ResPost, Stepped, lm_ref, stack
 
 
 # ---------------------------------------------------------------- pooling heads
@@ -45,7 +45,7 @@ class SigLIPMAPHead(nn.Module):
         return hidden_state[:, 0]
 
 
-class PooledModel(nn.Module):
+class PooledModel(Stepped):
     def __init__(self, head):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
@@ -54,16 +54,7 @@ class PooledModel(nn.Module):
         self.pool = head
 
     def _run(self, t, step):
-        x = self.embed(t)
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, k)
-        return self.pool(self.final(x))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
+        return self.pool(self.final(stack(self.blocks, self.embed(t), step)))
 
 
 @case("pooling-head-attn-mlp", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -103,21 +94,6 @@ def highway():
     ``x + s`` nor ``a*x + s`` with ``a`` a number or learned scalar/vector (the kept skip scales of the
     spec), so the evidence is incomplete: abstain, 0 sites, the norms skipped."""
     return LM([Highway(), Highway()])
-
-
-class LayerScaleBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.g1 = LN(), Mix(), nn.Parameter(0.3 + 0.1 * torch.randn(D))
-        self.n2, self.mlp, self.g2 = LN(), MLP(), nn.Parameter(0.3 + 0.1 * torch.randn(D))
-
-    def forward(self, x):
-        x = x + self.g1 * self.mix(self.n1(x))
-        return x + self.mlp(self.n2(x)) * self.g2
-
-    def geonorm(self, x, k):
-        x = geo(x, self.g1 * self.mix(self.n1(x)), k)
-        return geo(x, self.mlp(self.n2(x)) * self.g2, k)
 
 
 @case("layerscale-pre", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -194,29 +170,14 @@ def sandwich():
     return LM([Sandwich(), Sandwich()], final=RMS)
 
 
-class ResPostRMS(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn, self.post_attention_layernorm = Mix(), RMS()
-        self.mlp, self.post_feedforward_layernorm = MLP(), RMS()
-
-    def forward(self, x):
-        x = x + self.post_attention_layernorm(self.attn(x))
-        return x + self.post_feedforward_layernorm(self.mlp(x))
-
-    def geonorm(self, x, k):
-        x = geo(x, self.post_attention_layernorm(self.attn(x)), k)
-        return geo(x, self.post_feedforward_layernorm(self.mlp(x)), k)
-
-
 @case("respost-olmo2", sites=S("respost", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
       kept=[Kept("final", why="final norm")])
 def respost():
     """OLMo 2 ``x + N(attn(x))``: 4 respost sites, the norms kept in the update."""
-    return LM([ResPostRMS(), ResPostRMS()], final=RMS)
+    return LM([ResPost(norm=RMS), ResPost(norm=RMS)], final=RMS)
 
 
-class Bert(nn.Module):
+class Bert(Stepped):
     def __init__(self, final=False):
         super().__init__()
         self.word, self.position, self.token_type = nn.Embedding(VOCAB, D), nn.Embedding(16, D), nn.Embedding(2, D)
@@ -229,17 +190,10 @@ class Bert(nn.Module):
     def _run(self, t, step):
         pos = torch.arange(t.shape[1], device=t.device)
         x = self.emb_norm(self.word(t) + self.position(pos) + self.token_type(torch.zeros_like(t)))
-        for k, b in enumerate(self.layers):
-            x = step(b, x, k)
+        x = stack(self.layers, x, step)
         if self.final is not None:
             x = self.final(x)
         return self.cls(x), torch.tanh(self.pooler(x[:, 0]))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 @case("post-bert-embnorm", sites=S("post", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -258,7 +212,7 @@ def post_final():
     return Bert(final=True)
 
 
-class Wav2Vec2Like(nn.Module):
+class Wav2Vec2Like(Stepped):
     """Feature projection, ``layer_norm(x + pos_conv(x))`` (the encoder norm), Post-Norm layers."""
 
     def __init__(self):
@@ -272,15 +226,7 @@ class Wav2Vec2Like(nn.Module):
     def _run(self, feats, step):
         x = self.feature_projection(feats)
         x = self.layer_norm(x + F.gelu(self.pos_conv(x.transpose(1, 2))).transpose(1, 2))
-        for k, b in enumerate(self.layers):
-            x = step(b, x, k)
-        return self.out(x)
-
-    def forward(self, feats):
-        return self._run(feats, lambda b, x, k: b(x))
-
-    def geonorm(self, feats):
-        return self._run(feats, lambda b, x, k: b.geonorm(x, k))
+        return self.out(stack(self.layers, x, step))
 
 
 @case("wav2vec2-encoder-norm", sites=S("post", 0, 0, 1, per=2),
@@ -292,7 +238,7 @@ def wav2vec2():
     return Wav2Vec2Like()
 
 
-class ClipVision(nn.Module):
+class ClipVision(Stepped):
     def __init__(self):
         super().__init__()
         self.patch = nn.Linear(6, D)
@@ -307,15 +253,7 @@ class ClipVision(nn.Module):
         x = self.patch(patches)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pre_layrnorm(x + self.pos[:, : x.shape[1]])
-        for k, b in enumerate(self.layers):
-            x = step(b, x, k)
-        return self.proj(self.post_layernorm(x[:, 0]))
-
-    def forward(self, patches):
-        return self._run(patches, lambda b, x, k: b(x))
-
-    def geonorm(self, patches):
-        return self._run(patches, lambda b, x, k: b.geonorm(x, k))
+        return self.proj(self.post_layernorm(stack(self.layers, x, step)[:, 0]))
 
 
 @case("clip-pre-layrnorm", sites=S("pre", 0, 0, 1, per=2), inputs=lambda: [(randn(b, t, 6),) for b, t in SHAPES],
@@ -542,16 +480,10 @@ def hf_style():
 
 
 class HiddenStates(LM):
-    def forward(self, t):
-        hs = [self.embed(t)]
-        for b in self.blocks:
-            hs.append(b(hs[-1]))
-        return self.head(self.final(hs[-1])), tuple(hs)
-
-    def geonorm(self, t):
+    def _run(self, t, step):
         hs = [self.embed(t)]
         for k, b in enumerate(self.blocks):
-            hs.append(b.geonorm(hs[-1], k))
+            hs.append(step(b, hs[-1], k))
         return self.head(self.final(hs[-1])), tuple(hs)
 
 
@@ -563,42 +495,17 @@ def hidden_states():
     return HiddenStates([Pre(), Pre1()])
 
 
-class BNTrain(nn.Module):
-    """A BatchNorm residual model to be converted and run in train mode (batch statistics, running-stat
-    updates)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList([ConvResBlock(lambda: nn.BatchNorm1d(D)), ConvResBlock(lambda: nn.BatchNorm1d(D))])
-        self.head = nn.Linear(D, VOCAB)
-
-    def forward(self, t):
-        x = self.embed(t).transpose(1, 2)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x.transpose(1, 2))
-
-
 @case("batchnorm-train-mode", sites=[], inputs=token_inputs(), kept=_CONV_KEPT, train=True)
 def batchnorm_train():
     """BatchNorm residual blocks converted in train mode: 0 sites in both modes, the BNs skipped; the
     converted module computes the source's function in train mode (batch statistics) and, having seen the
     same batches, in eval mode (running statistics); the source's buffers are not touched by convert."""
-    return BNTrain()
+    return ConvNet(lambda: nn.BatchNorm1d(D))
 
 
 class DictOut(LM):
-    def forward(self, t):
-        x = self.embed(t)
-        for b in self.blocks:
-            x = b(x)
-        return {"logits": self.head(self.final(x)), "last_hidden_state": x}
-
-    def geonorm(self, t):
-        x = self.embed(t)
-        for k, b in enumerate(self.blocks):
-            x = b.geonorm(x, k)
+    def _run(self, t, step):
+        x = stack(self.blocks, self.embed(t), step)
         return {"logits": self.head(self.final(x)), "last_hidden_state": x}
 
 

@@ -3,27 +3,20 @@ tracer="export" (which functionalizes them). A site written ``x.add_(f(N(x)))`` 
 ``x + f(N(x))`` (section 4): its value is the state that leaves the step, whatever name it is read by."""
 from __future__ import annotations
 
-from torch import nn
-
-from . import Kept, S, case, geo, token_inputs
-from .blocks import LM, LN, MLP, RMS, Mix, lm_ref
+from . import Kept, S, case, token_inputs
+from .blocks import LM, RMS, Pre, lm_ref
 
 
-class AddUnderscore(nn.Module):
+class AddUnderscore(Pre):
     """``x.add_(mix(n1(x)))`` and ``x.add_(mlp(n2(x)))``; the results are not rebound."""
 
     def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.n2, self.mlp = LN(), Mix(), RMS(), MLP()
+        super().__init__(norm2=RMS)
 
     def forward(self, x):
         x.add_(self.mix(self.n1(x)))
         x.add_(self.mlp(self.n2(x)))
         return x
-
-    def geonorm(self, x, k):
-        x = geo(x, self.mix(self.n1(x)), k)
-        return geo(x, self.mlp(self.n2(x)), k)
 
 
 class IAdd(AddUnderscore):

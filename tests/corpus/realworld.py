@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import D, SHAPES, VOCAB, Kept, S, case, geo, token_inputs, tokens
-from .blocks import LM, LN, MLP, RMS, Attn, Mix, Pre, lm_ref
+from .blocks import LM, LN, MLP, RMS, Attn, Mix, Pre, Stepped, Stepped2, lm_ref, stack
 
 
 class TorchEncoder(nn.Module):
@@ -124,7 +124,7 @@ class PerceiverBlock(nn.Module):
         return geo(q, self.mlp(self.n2(q)), k)
 
 
-class Perceiver(nn.Module):
+class Perceiver(Stepped):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
@@ -135,16 +135,8 @@ class Perceiver(nn.Module):
 
     def _run(self, t, step):
         x = self.embed(t)
-        q = self.latents.expand(t.shape[0], -1, -1)
-        for k, b in enumerate(self.blocks):
-            q = step(b, q, x, k)
+        q = stack(self.blocks, self.latents.expand(t.shape[0], -1, -1), step, x)
         return self.head(self.final(q).mean(1))
-
-    def forward(self, t):
-        return self._run(t, lambda b, q, x, k: b(q, x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, q, x, k: b.geonorm(q, x, k))
 
 
 @case("perceiver-latent-stream", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -157,7 +149,7 @@ def perceiver():
     return Perceiver()
 
 
-class ConcatTowers(nn.Module):
+class ConcatTowers(Stepped2):
     """Two towers, ``cat([a, b], -1)`` -> Linear(2d -> d) -> a trunk of blocks."""
 
     def __init__(self):
@@ -170,22 +162,9 @@ class ConcatTowers(nn.Module):
         self.head = nn.Linear(D, VOCAB)
 
     def _run(self, a, b, step):
-        x = self.emb_a(a)
-        for k, blk in enumerate(self.tower_a):
-            x = step(blk, x, k)
-        y = self.emb_b(b)
-        for k, blk in enumerate(self.tower_b):
-            y = step(blk, y, k)
-        z = self.join(torch.cat([x, y], dim=-1))
-        for k, blk in enumerate(self.trunk):
-            z = step(blk, z, k)
-        return self.head(self.final(z))
-
-    def forward(self, a, b):
-        return self._run(a, b, lambda blk, x, k: blk(x))
-
-    def geonorm(self, a, b):
-        return self._run(a, b, lambda blk, x, k: blk.geonorm(x, k))
+        x = stack(self.tower_a, self.emb_a(a), step)
+        y = stack(self.tower_b, self.emb_b(b), step)
+        return self.head(self.final(stack(self.trunk, self.join(torch.cat([x, y], dim=-1)), step)))
 
 
 @case("towers-concat-then-trunk", sites=S("pre", 0, 0, per=2) + S("pre", 1, 0, per=2) + S("pre", 2, 0, 1, per=2),
@@ -197,21 +176,16 @@ def concat_towers():
     return ConcatTowers()
 
 
-class SetItem(nn.Module):
+class SetItem(Pre):
     """``x[:] = x + f(N(x))`` (the new state written into the old tensor), twice."""
 
     def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.n2, self.mlp = LN(), Mix(), RMS(), MLP()
+        super().__init__(norm2=RMS)
 
     def forward(self, x):
         x[:] = x + self.mix(self.n1(x))
         x[:] = x + self.mlp(self.n2(x))
         return x
-
-    def geonorm(self, x, k):
-        x = geo(x, self.mix(self.n1(x)), k)
-        return geo(x, self.mlp(self.n2(x)), k)
 
 
 @case("inplace-setitem-export", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,
@@ -223,20 +197,12 @@ def setitem_export():
     return LM([SetItem(), SetItem()])
 
 
-class Float32Residual(nn.Module):
+class Float32Residual(Pre):
     """A float16 block that adds the residual in float32: ``(x.float() + f(N(x)).float()).to(x.dtype)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.n2, self.mlp = LN(), Mix(), LN(), MLP()
 
     def forward(self, x):
         x = (x.float() + self.mix(self.n1(x)).float()).to(x.dtype)
         return (x.float() + self.mlp(self.n2(x)).float()).to(x.dtype)
-
-    def geonorm(self, x, k):
-        x = geo(x, self.mix(self.n1(x)), k)
-        return geo(x, self.mlp(self.n2(x)), k)
 
 
 @case("fp16-float32-residual-add", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref,

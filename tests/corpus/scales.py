@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import D, Kept, S, case, geo, token_inputs
-from .blocks import LM, LN, MLP, RMS, Mix, lm_ref
+from .blocks import LM, LN, MLP, RMS, Mix, Post, lm_ref
 
 
 class Scale(nn.Module):
@@ -138,11 +138,13 @@ def xscale_residual():
     return LM([XBlock(), XBlock()])
 
 
-class DeepNormBlock(nn.Module):
+class DeepNormBlock(Post):
+    """``N(x * alpha + f(x))`` (``order="skip-first"``) or ``N(f(x) + alpha * x)``; the reference is the
+    Post-Norm one, ``Geo(x, f(x))``."""
+
     def __init__(self, alpha, norm=LN, order="skip-first"):
-        super().__init__()
+        super().__init__(norm=norm)
         self.alpha, self.order = alpha, order
-        self.mix, self.n1, self.mlp, self.n2 = Mix(), norm(D), MLP(), norm(D)
 
     def _sum(self, x, s):
         return x * self.alpha + s if self.order == "skip-first" else s + self.alpha * x
@@ -150,10 +152,6 @@ class DeepNormBlock(nn.Module):
     def forward(self, x):
         x = self.n1(self._sum(x, self.mix(x)))
         return self.n2(self._sum(x, self.mlp(x)))
-
-    def geonorm(self, x, k):
-        x = geo(x, self.mix(x), k)
-        return geo(x, self.mlp(x), k)
 
 
 @case("deepnorm-constant", sites=S("deepnorm", 0, 0, 1, per=2), inputs=token_inputs(), ref=lm_ref)

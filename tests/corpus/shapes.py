@@ -10,7 +10,7 @@ False, never a raw AssertionError / RuntimeError."""
 from __future__ import annotations
 
 from . import D, Kept, S, case, randn, tokens
-from .blocks import LM, Pre, lm_ref
+from .blocks import LM, Pre, lm_ref, stack
 
 
 @case("batch1-example", sites=S("pre", 0, 0, 1, per=2), inputs=lambda: [(tokens(1, 5),)], ref=lm_ref,
@@ -52,17 +52,8 @@ class PosBuffer(LM):
         super().__init__([Pre(), Pre()])
         self.register_buffer("pos", randn(1, 8, D, seed=7))
 
-    def forward(self, t):
-        x = self.embed(t) + self.pos
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.final(x))
-
-    def geonorm(self, t):
-        x = self.embed(t) + self.pos
-        for k, b in enumerate(self.blocks):
-            x = b.geonorm(x, k)
-        return self.head(self.final(x))
+    def _run(self, t, step):
+        return self.head(self.final(stack(self.blocks, self.embed(t) + self.pos, step)))
 
 
 @case("seq-fixed-by-buffer", sites=S("pre", 0, 0, 1, per=2), inputs=lambda: [(tokens(2, 8),)], ref=lm_ref,

@@ -7,21 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import D, EVEN_SHAPES, VOCAB, Kept, S, case, geo, token_inputs, tokens
-from .blocks import LM, LN, MLP, RMS, Attn, Mix, Post, Pre, Pre1, lm_ref
+from .blocks import LM, LN, MLP, RMS, Attn, Mix, Post, Pre, Pre1, Stepped, Stepped2, lm_ref, plain, rewritten, stack
 
 
 # ---------------------------------------------------------------- three different block classes
 
-class BlockA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm, self.mlp = LN(), MLP()
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-    def geonorm(self, x, k):
-        return geo(x, self.mlp(self.norm(x)), k)
+class BlockA(Pre1):
+    """LayerNorm + MLP (``x + f(n(x))``), under a class of its own."""
 
 
 class BlockB(nn.Module):
@@ -73,35 +65,26 @@ class Head(nn.Module):
         self.norm = LN()
         self.out = nn.Linear(D, VOCAB)
 
+    def _run(self, x, step, k0=0):
+        return self.out(self.norm(stack(self.blocks, x, step, k0=k0)))
+
     def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.out(self.norm(x))
+        return self._run(x, plain)
 
     def geonorm(self, x, k0):
-        for k, b in enumerate(self.blocks):
-            x = b.geonorm(x, k0 + k)
-        return self.out(self.norm(x))
+        return self._run(x, rewritten, k0)
 
 
-class TwoHeads(nn.Module):
+class TwoHeads(Stepped):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
         self.trunk = nn.ModuleList([Pre1(), Pre1(branch=Mix)])
         self.head_a, self.head_b = Head(), Head()
 
-    def forward(self, t):
-        x = self.embed(t)
-        for b in self.trunk:
-            x = b(x)
-        return self.head_a(x), self.head_b(x)
-
-    def geonorm(self, t):
-        x = self.embed(t)
-        for k, b in enumerate(self.trunk):
-            x = b.geonorm(x, k)
-        return self.head_a.geonorm(x, 2), self.head_b.geonorm(x, 2)
+    def _run(self, t, step):
+        x = stack(self.trunk, self.embed(t), step)
+        return step(self.head_a, x, 2), step(self.head_b, x, 2)
 
 
 @case("heads-continue-trunk", sites=S("pre", 0, 0, 1, 2, 2), inputs=token_inputs(),
@@ -137,30 +120,23 @@ class Merger(nn.Module):
         return x
 
 
-class Stages(nn.Module):
-    def __init__(self, kind):
+class Stages(Stepped):
+    """Two stages of Pre blocks (width d, then 2d) and, between them, the module ``between()`` (by default a
+    :class:`Merger` of ``kind``) under the attribute ``name``."""
+
+    def __init__(self, kind=None, between=None, name="merge"):
         super().__init__()
+        self._between = name
         self.embed = nn.Embedding(VOCAB, D)
         self.stage1 = nn.ModuleList([Pre(D), Pre(D)])
-        self.merge = Merger(kind)
+        self.add_module(name, between() if between else Merger(kind))
         self.stage2 = nn.ModuleList([Pre(2 * D), Pre(2 * D)])
         self.final = LN(2 * D)
         self.head = nn.Linear(2 * D, VOCAB)
 
     def _run(self, t, step):
-        x = self.embed(t)
-        for k, b in enumerate(self.stage1):
-            x = step(b, x, k)
-        x = self.merge(x)
-        for k, b in enumerate(self.stage2):
-            x = step(b, x, k)
-        return self.head(self.final(x))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
+        x = getattr(self, self._between)(stack(self.stage1, self.embed(t), step))
+        return self.head(self.final(stack(self.stage2, x, step)))
 
 
 _TWO_STAGES = S("pre", 0, 0, 1, per=2) + S("pre", 1, 0, 1, per=2)
@@ -218,7 +194,7 @@ class DecBlock(nn.Module):
         return geo(x, self.mlp(x), k)
 
 
-class EncDec(nn.Module):
+class EncDec(Stepped2):
     def __init__(self, kind="pre"):
         super().__init__()
         block = Pre if kind == "pre" else Post
@@ -230,24 +206,14 @@ class EncDec(nn.Module):
             self.enc_norm, self.dec_norm = LN(), LN()
         self.head = nn.Linear(D, VOCAB)
 
-    def _run(self, src, tgt, enc_step, dec_step):
-        m = self.src_embed(src)
-        for k, b in enumerate(self.encoder):
-            m = enc_step(b, m, k)
+    def _run(self, src, tgt, step):
+        m = stack(self.encoder, self.src_embed(src), step)
         if self.kind == "pre":
             m = self.enc_norm(m)
-        x = self.tgt_embed(tgt)
-        for k, b in enumerate(self.decoder):
-            x = dec_step(b, x, m, k)
+        x = stack(self.decoder, self.tgt_embed(tgt), step, m)
         if self.kind == "pre":
             x = self.dec_norm(x)
         return self.head(x)
-
-    def forward(self, src, tgt):
-        return self._run(src, tgt, lambda b, x, k: b(x), lambda b, x, m, k: b(x, m))
-
-    def geonorm(self, src, tgt):
-        return self._run(src, tgt, lambda b, x, k: b.geonorm(x, k), lambda b, x, m, k: b.geonorm(x, m, k))
 
 
 _ENCDEC_INPUTS = lambda: [(tokens(2, 5), tokens(2, 4, seed=1)), (tokens(3, 7), tokens(3, 6, seed=1))]  # noqa: E731
@@ -273,7 +239,7 @@ def encdec_post():
 
 # ---------------------------------------------------------------- weight sharing
 
-class Shared(nn.Module):
+class Shared(Stepped):
     def __init__(self, kind="pre", n=3):
         super().__init__()
         self.n = n
@@ -287,17 +253,10 @@ class Shared(nn.Module):
         x = self.embed(t)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        for k in range(self.n):
-            x = step(self.block, x, k)
+        x = stack([self.block] * self.n, x, step)
         if self.final is not None:
             x = self.final(x)
         return self.head(x)
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 @case("albert-shared-pre", sites=S("pre", 0, 0, 1, 2, per=2), inputs=token_inputs(),
@@ -328,10 +287,7 @@ class SameClassAttrs(nn.Module):
         return self.head(self.final(self.third(self.second(self.first(self.embed(t))))))
 
     def geonorm(self, t):
-        x = self.embed(t)
-        for k, b in enumerate((self.first, self.second, self.third)):
-            x = b.geonorm(x, k)
-        return self.head(self.final(x))
+        return self.head(self.final(stack((self.first, self.second, self.third), self.embed(t), rewritten)))
 
 
 @case("same-class-attributes", sites=S("pre", 0, 0, 1, 2, per=2), inputs=token_inputs(),

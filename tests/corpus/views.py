@@ -7,27 +7,20 @@ import torch
 from torch import nn
 
 from . import D, EVEN_SHAPES, VOCAB, Kept, S, case, geo, randn, token_inputs
-from .blocks import LN, MLP, RMS, Mix
+from .blocks import LN, MLP, RMS, Mix, Post, Pre, Stepped, stack
 
 
-class CFBlock(nn.Module):
+class CFBlock(Pre):
     """Channels-first ``(B, C, N)`` state, permuted to ``(B, N, C)`` inside the block and back."""
 
     def __init__(self):
-        super().__init__()
-        self.n1, self.mix, self.n2, self.mlp = LN(), Mix(), RMS(), MLP()
+        super().__init__(norm2=RMS)
 
     def forward(self, x):
-        h = x.transpose(1, 2)
-        h = h + self.mix(self.n1(h))
-        h = h + self.mlp(self.n2(h))
-        return h.transpose(1, 2)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
     def geonorm(self, x, k):
-        h = x.transpose(1, 2)
-        h = geo(h, self.mix(self.n1(h)), k)
-        h = geo(h, self.mlp(self.n2(h)), k)
-        return h.transpose(1, 2)
+        return super().geonorm(x.transpose(1, 2), k).transpose(1, 2)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -54,7 +47,7 @@ class CFPostBlock(nn.Module):
         return g(x, torch.tanh(self.conv2(x)))
 
 
-class ChannelsFirst(nn.Module):
+class ChannelsFirst(Stepped):
     """Tokens -> embedding -> ``(B, C, N)`` -> channels-first blocks -> back to ``(B, N, C)`` -> head."""
 
     def __init__(self, blocks, final=True):
@@ -65,19 +58,10 @@ class ChannelsFirst(nn.Module):
         self.head = nn.Linear(D, VOCAB)
 
     def _run(self, t, step):
-        x = self.embed(t).transpose(1, 2)
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, k)
-        x = x.transpose(1, 2)
+        x = stack(self.blocks, self.embed(t).transpose(1, 2), step).transpose(1, 2)
         if self.final is not None:
             x = self.final(x)
         return self.head(x)
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 @case("channels-first-transpose-blocks", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(),
@@ -137,7 +121,7 @@ class NHWCBlock(nn.Module):
         return self._out(h, shape)
 
 
-class ImageModel(nn.Module):
+class ImageModel(Stepped):
     """Tokens ``(B, T)`` -> embedding -> an NCHW grid ``(B, C, 2, T/2)`` -> NCHW blocks -> mean pool -> head."""
 
     def __init__(self, style):
@@ -150,15 +134,7 @@ class ImageModel(nn.Module):
     def _run(self, t, step):
         B, T = t.shape
         x = self.embed(t).reshape(B, 2, T // 2, D).permute(0, 3, 1, 2)
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, k)
-        return self.head(self.norm(x.mean((2, 3))))
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
+        return self.head(self.norm(stack(self.blocks, x, step).mean((2, 3))))
 
 
 @case("maxvit-nchw-nhwc-permute", sites=S("pre", 0, 0, 1, per=2), inputs=token_inputs(EVEN_SHAPES),
@@ -177,33 +153,19 @@ def tinyvit():
     return ImageModel("flatten")
 
 
-class Rearranged(nn.Module):
+class Rearranged(Stepped):
     """T2T-ViT-like: the input ``(B, 2T, D/2)`` is rearranged ``b (t p) c -> b t (p c)`` to ``(B, T, D)``,
     which is the stream: no embedding layer between the reshape and the blocks."""
 
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([_pre_block(), _pre_block()])
+        self.blocks = nn.ModuleList([Pre(), Pre()])
         self.final = LN()
         self.head = nn.Linear(D, 5)
 
     def _run(self, inp, step):
         B = inp.shape[0]
-        x = inp.reshape(B, -1, D)
-        for k, b in enumerate(self.blocks):
-            x = step(b, x, k)
-        return self.head(self.final(x))
-
-    def forward(self, inp):
-        return self._run(inp, lambda b, x, k: b(x))
-
-    def geonorm(self, inp):
-        return self._run(inp, lambda b, x, k: b.geonorm(x, k))
-
-
-def _pre_block():
-    from .blocks import Pre
-    return Pre()
+        return self.head(self.final(stack(self.blocks, inp.reshape(B, -1, D), step)))
 
 
 @case("t2t-rearrange-before-blocks", sites=S("pre", 0, 0, 1, per=2),
@@ -215,13 +177,12 @@ def t2t():
     return Rearranged()
 
 
-class FlatPost(nn.Module):
+class FlatPost(Post):
     """Post-Norm block that reshapes the sum to ``(B*T, d)`` before each norm."""
 
     def __init__(self, out_2d=False):
         super().__init__()
         self.out_2d = out_2d
-        self.mix, self.n1, self.mlp, self.n2 = Mix(), LN(), MLP(), LN()
 
     def forward(self, x):
         B, T, d = x.shape
@@ -230,13 +191,11 @@ class FlatPost(nn.Module):
         return self.n2(h) if self.out_2d else self.n2(h).view(B, T, d)
 
     def geonorm(self, x, k):
-        d = x.shape[-1]
-        x = geo(x, self.mix(x), k)
-        x = geo(x, self.mlp(x), k)
-        return x.reshape(-1, d) if self.out_2d else x
+        x = super().geonorm(x, k)
+        return x.reshape(-1, x.shape[-1]) if self.out_2d else x
 
 
-class FlatPostModel(nn.Module):
+class FlatPostModel(Stepped):
     def __init__(self, out_2d):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
@@ -249,12 +208,6 @@ class FlatPostModel(nn.Module):
         for k, b in enumerate(self.blocks):
             x = step(b, x.reshape(B, T, D), k)
         return self.head(x)
-
-    def forward(self, t):
-        return self._run(t, lambda b, x, k: b(x))
-
-    def geonorm(self, t):
-        return self._run(t, lambda b, x, k: b.geonorm(x, k))
 
 
 @case("post-flatten-bt-reshape-back", sites=S("post", 0, 0, 1, per=2), inputs=token_inputs(),
