@@ -513,7 +513,7 @@ def _resolve_nesting(ctx: _Context, candidates: list[SiteMatch], residuals: list
                     dropped.add(id(d))
                     ctx.note(d.norms, "its branch carries the residual stream itself (a skip connection around "
                                       f"the step at {c.sum.name}): not a step")
-            elif c.unit is not None and c.unit != d.unit and (d.unit is None or c.unit.path.startswith(d.unit.path + ".")):
+            elif _stack_inside(view, c, d):
                 if is_site:  # a stack of blocks inside the branch of a wrapper: the stack's steps stand
                     dropped.add(id(d))
                     ctx.note(d.norms, f"wraps a stack of blocks ({c.unit.path}, ...) in its branch: the blocks' "
@@ -528,6 +528,18 @@ def _resolve_nesting(ctx: _Context, candidates: list[SiteMatch], residuals: list
                                             f"({d.sum.name}) in a different or unknown block: which one is the "
                                             "step of the stream is ambiguous, so neither is rewritten")
     return [c for c in candidates if id(c) not in dropped]
+
+
+def _stack_inside(view: GraphView, c: SiteMatch, d) -> bool:
+    """``c`` lies in a block of a stack inside ``d``'s block: in an inner repeated unit, or in an element of a
+    ModuleList/Sequential below ``d``'s unit whose call does not also compute ``d`` (a one-layer stage of
+    Swin2SR, not EdgeNeXt's SDTA block, whose own residual wraps the inner one)."""
+    if c.unit is not None and c.unit != d.unit and (d.unit is None or c.unit.path.startswith(d.unit.path + ".")):
+        return True
+    prefix = d.unit.path + "." if d.unit is not None else ""
+    around_d = {key for key, _p, _c in view.module_stack(d.sum)}   # modules whose call computes d itself
+    return any(path.startswith(prefix) and path.rsplit(".", 1)[-1].isdigit() and key not in around_d
+               for key, path, _c in view.module_stack(c.sum))
 
 
 _VIEW_TARGETS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
@@ -572,10 +584,11 @@ def _sound_post(ctx: _Context, tree: ModuleTree, c: SiteMatch, candidates: list[
     sum_unit = tree.unit(c.sum)
     core = [n for n in c.norm.nodes if view.module_path(n) == c.norm.path] or [c.norm.output]
     if sum_unit is not None and not any(tree.contains(sum_unit, n) for n in core):
-        ctx.note([c.norm], f"reads the residual sum of the block {sum_unit.path} from outside that block "
-                           "(a final or head norm): not a post-norm step, left as it is")
+        ctx.note([c.norm], f"reads the residual sum of the block {sum_unit.path} from outside that block (a final "
+                           "or head norm, or the next block's input norm): not a post-norm step of this block, left "
+                           "as it is")
         return False
-    later = _readers_after_step(ctx, c)
+    later = _readers_after_step(ctx, c, candidates)
     if later:
         ctx.note([c.norm], f"the stream x of {c.sum.name} is still read after the step (by {later[0].name}): "
                            "the norm does not produce the next state of that stream, so it is not removed")
@@ -598,10 +611,16 @@ def _sound_post(ctx: _Context, tree: ModuleTree, c: SiteMatch, candidates: list[
     return True
 
 
-def _readers_after_step(ctx: _Context, c: SiteMatch) -> list[fx.Node]:
-    """Readers of the stream state ``x`` (through casts and views) outside the step: not the sum, not in a
-    branch, not the graph's output (a returned hidden state)."""
+def _readers_after_step(ctx: _Context, c: SiteMatch, candidates: list[SiteMatch]) -> list[fx.Node]:
+    """Readers of the stream state ``x`` (through casts and views) outside the step that feed the model's
+    computation: not the sum, not in a branch, not a value that only reaches the graph's output (a returned
+    hidden state, a cached memory) without reaching a norm or a later step."""
     view = ctx.view
+    later_steps = [p.sum for p in candidates if view.index[p.sum] > view.index[c.sum]]
+
+    def observed_only(user) -> bool:
+        return not any(reaches(view, user, t) for t in later_steps) and \
+            not any(reaches(view, user, n.output) for n in ctx.norms if view.index[n.output] > view.index[user])
     base = view.root(c.stream_value)
     step_nodes = {c.sum} | set(c.dead)
     out = []
@@ -615,7 +634,7 @@ def _readers_after_step(ctx: _Context, c: SiteMatch) -> list[fx.Node]:
             if view.passthrough_input(user) is node or view.permutation(user) is not None:
                 frontier.append(user)
                 continue
-            if any(reaches(view, user, b) for b in c.branches if isinstance(b, fx.Node)):
+            if any(reaches(view, user, b) for b in c.branches if isinstance(b, fx.Node)) or observed_only(user):
                 continue
             out.append(user)
     return out
