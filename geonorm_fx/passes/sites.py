@@ -271,15 +271,17 @@ def _split(ctx: _Context, total: fx.Node, flatten: bool = True):
         feeders = [a for a in data if a is not b and feeds(a, b)]
         if not feeders:
             return None       # an independent term (a merge of two towers, an injection): no step
-        streams.append(max(feeders, key=lambda a: view.index[a.source]))
+        # the latest feeder, an input-dependent one if any: a parameter term the branch also reads
+        # (``x + f(N(x) + b) + b``) is part of the branch, not the stream
+        streams.append(max(feeders, key=lambda a: (not ctx.is_constant(a.node), view.index[a.source])))
     x = streams[0]
     if any(s is not x for s in streams):
         return None           # branches of different streams
     branches = [t.node for t in sinks]
     if x.inner is not None and not any(reaches(view, x.source, b) for b in branches):
         x.source, x.scale = x.inner, x.node   # the branches read t: ``a*t`` is a scaled skip
-    constants = [t.node for t in terms if t not in data]
-    extras = [t.node for t in data if t not in sinks and t is not x]
+    constants = [t.node for t in terms if t is not x and ctx.is_constant(t.node)]
+    extras = [t.node for t in data if t not in sinks and t is not x and not ctx.is_constant(t.node)]
     return x, branches, constants, extras, inner
 
 

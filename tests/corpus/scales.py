@@ -181,3 +181,64 @@ def deepnorm_learned():
     DeepNet's ``a`` is a constant and removing a learned parameter is not forced by the spec: the norms
     may instead be skipped (nothing rewritten). Never ``Geo(alpha*x, f(x))`` with the norm removed."""
     return LM([LearnedAlphaDeepNorm(), LearnedAlphaDeepNorm()], final=None)
+
+
+class SharedShift(nn.Module):
+    """``x + mlp(N(x) + b) + b`` with ``b`` a learned per-channel shift used inside the branch too: ``b`` is
+    computed from parameters only, so it is part of the branch sum ``s`` (GEONORM.md section 4: every term
+    other than the stream that is not an earlier state belongs to the update's ``s``), even though another
+    term is computed from it. A reading that takes ``b`` for an extra term added after the update
+    (``Geo(x, mlp(..)) + b``) computes another function."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.mlp = LN(), MLP()
+        self.shift = nn.Parameter(0.3 * torch.randn(D))
+
+    def forward(self, x):
+        b = self.shift.expand_as(x)
+        return x + self.mlp(self.n(x) + b) + b
+
+    def geonorm(self, x, k):
+        b = self.shift.expand_as(x)
+        return geo(x, self.mlp(self.n(x) + b) + b, k)
+
+
+@case("param-term-feeds-branch", sites=S("pre", 0, 0, 1), inputs=token_inputs(), ref=lm_ref,
+      kept=[Kept("final", why="final norm")] + _scale_params(("shift",)))
+def param_term_feeds_branch():
+    """A parameter-only term that the branch also reads stays in the branch sum: 2 pre sites whose ``s`` is
+    ``mlp(N(x) + b) + b``; the shift parameter stays."""
+    return LM([SharedShift(), SharedShift()])
+
+
+class NextBlockPostNorm(nn.Module):
+    """MiniMax-style layer: ``h = in_norm(x)`` first, then ``h = post_attn_norm(a*h + attn(h))``,
+    then ``h = a*h + mlp(h)``, returned unnormalized: the MLP step's sum is normalized by the NEXT layer's
+    ``in_norm`` (or by the final norm after the last layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_norm, self.mix, self.post_norm, self.mlp = RMS(), Mix(), RMS(), MLP()
+
+    def forward(self, x):
+        h = self.in_norm(x)
+        h = self.post_norm(2.0 * h + self.mix(h))
+        return 2.0 * h + self.mlp(h)
+
+    def geonorm(self, x, k):
+        h = self.in_norm(x)
+        h = geo(h, self.mix(h), 0)   # every layer starts a stream of its own (block 0, decay 1)
+        return 2.0 * h + self.mlp(h)
+
+
+@case("post-norm-in-next-block", sites=[("deepnorm", 0, 0), ("deepnorm", 1, 0)], inputs=token_inputs(),
+      ref=lm_ref, kept=[Kept("blocks.0.in_norm", why="embedding norm"),
+                        Kept("blocks.1.in_norm", why="next block's input norm: abstain"),
+                        Kept("final", why="final norm")])
+def post_norm_in_next_block():
+    """Abstain where a post norm sits in the next block: each layer's attention step ``N(2h + f(h))`` is a
+    DeepNorm site of its own block; the MLP step's sum is normalized only by the next layer's ``in_norm`` (or
+    the final norm), outside its block, so it stays a plain add and those norms are kept. Each layer's
+    ``in_norm`` ends the previous stream, so each layer is a stream of its own (block 0)."""
+    return LM([NextBlockPostNorm(), NextBlockPostNorm()], final=RMS)
