@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, GeoNormWarning, InvalidInputError
 from .geodesic import GeodesicUpdate
+from .passes.ops import ALIAS_OP_NAMES
 
 TRACERS = ("auto", "export", "fx")
 MODES = ("eval", "train")
@@ -377,17 +378,12 @@ def _writes_read_later(graph: fx.Graph) -> bool:
         while isinstance(value, fx.Node) and len(aliases) < 16:
             aliases.append(value)
             target = getattr(value.target, "overloadpacket", None)
-            if value.op != "call_function" or target is None or target.__name__ not in _VIEW_OPS:
+            if value.op != "call_function" or target is None or target.__name__ not in ALIAS_OP_NAMES:
                 break
             value = value.args[0] if value.args else None
         if any(order[u] > order[node] for a in aliases for u in a.users if u is not node):
             return True
     return False
-
-
-_VIEW_OPS = {"slice", "select", "view", "_unsafe_view", "reshape", "as_strided", "permute", "transpose", "t",
-             "expand", "alias", "unsqueeze", "squeeze", "narrow", "diagonal", "unfold", "split", "chunk",
-             "unbind", "flatten", "unflatten", "view_as", "detach"}
 
 
 def _functional(ep: ExportedProgram) -> ExportedProgram:

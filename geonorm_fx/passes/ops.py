@@ -148,6 +148,21 @@ _RMS_NORM_FUNCS = {F.rms_norm, torch.rms_norm} if hasattr(F, "rms_norm") else se
 _RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 
+# Ops that give their whole input in another shape or as a copy (the value carried along unchanged), by
+# the name of the aten op, torch function or Tensor method.
+_RESHAPE_NAMES = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
+# aten ops whose result may alias (a part of) their first input: an in-place write into it writes there too.
+ALIAS_OP_NAMES = frozenset({"slice", "select", "view", "_unsafe_view", "reshape", "as_strided", "permute",
+                            "transpose", "t", "expand", "alias", "unsqueeze", "squeeze", "narrow", "diagonal",
+                            "unfold", "split", "chunk", "unbind", "flatten", "unflatten", "view_as", "detach"})
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """A view or copy of its whole first input in any shape (``view``, ``reshape``, ``flatten``, ...)."""
+    return node.op in ("call_function", "call_method") and \
+        str(getattr(node.target, "__name__", node.target)).split(".")[0] in _RESHAPE_NAMES
+
+
 def qualified_name(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -25,6 +25,7 @@ with the reason. Streams and blocks: see :func:`_assign_streams_and_blocks`.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -33,7 +34,7 @@ from ..geodesic import GeodesicUpdate
 from ..report import Skip
 from .blocks import ModuleTree, Unit
 from .norms import RESIDUAL_NORM_KINDS, NormMatch, find_norms, is_parameter_expr, parameter_expr_nodes
-from .ops import GraphView, qualified_name
+from .ops import GraphView, is_reshape, qualified_name
 
 _GEODESIC_CLASS = qualified_name(GeodesicUpdate)
 # per-token normalizations: a path through one of them starts a new residual stream
@@ -235,15 +236,15 @@ class _Term:
     source: fx.Node                 # the value the term carries, seen through casts
     inner: fx.Node | None = None    # for a scaled term ``a*t``: ``t`` seen through casts
     scale_kind: str = ""            # "number" | "gain"
-    scale_nodes: set = field(default_factory=set)
+    operand: fx.Node | None = None  # for a scaled term: the node ``t`` itself (what DeepNorm's update reads)
     scale: fx.Node | None = None    # set when the branches read ``t``, not ``a*t``: a scaled skip
 
 
 def _term(view: GraphView, node: fx.Node) -> _Term:
     scaled = _scaled_stream(view, node)
     if scaled is not None:
-        inner, kind, nodes = scaled
-        return _Term(node, view.root(node), view.root(inner), kind, nodes)
+        inner, kind, _gain_nodes = scaled
+        return _Term(node, view.root(node), view.root(inner), kind, inner)
     return _Term(node, view.root(node))
 
 
@@ -325,7 +326,7 @@ def _kind(ctx: _Context, total, x: _Term, branches, constants, extras, inner) ->
             return site("parallel", branch_norms[0][0], branch_norms, total, x.node)
         end = _norm_ending(ctx, branches[0])
         if end is not None and end.source is not stream:
-            return site("sandwich", branch_norms[0][0], branch_norms + [(end, _end_dim(end, branch_norms))], total,
+            return site("sandwich", branch_norms[0][0], branch_norms + [(end, end.dim)], total,
                         x.node)
         return site("pre", branch_norms[0][0], branch_norms, total, x.node)
     if through_norms or len(branches) > 1:
@@ -335,7 +336,7 @@ def _kind(ctx: _Context, total, x: _Term, branches, constants, extras, inner) ->
         norm, dim = exclusive
         views = _views_between(view, total, norm)
         if x.scale is not None and x.scale_kind == "number":
-            return site("deepnorm", norm, [(norm, dim)], norm.output, _unscaled(view, x), norm,
+            return site("deepnorm", norm, [(norm, dim)], norm.output, x.operand, norm,
                         scale_dead={x.scale}, views=views)
         if x.scale is not None:
             ctx.note([norm], "post-norm over a learned scale on the skip (a*x + f(x), a a parameter): not DeepNorm's "
@@ -343,20 +344,11 @@ def _kind(ctx: _Context, total, x: _Term, branches, constants, extras, inner) ->
             return None
     end = _norm_ending(ctx, branches[0])
     if end is not None and end.source is not stream:
-        return site("respost", end, [(end, _end_dim(end, []))], total, x.node)
+        return site("respost", end, [(end, end.dim)], total, x.node)
     if exclusive is not None:
         norm, dim = exclusive
         return site("post", norm, [(norm, dim)], norm.output, x.node, norm, views=_views_between(view, total, norm))
     return None
-
-
-def _unscaled(view: GraphView, x: _Term) -> fx.Node:
-    ops = view.scalar_mul_input(x.node)
-    return ops[0] if ops is not None else x.node
-
-
-def _end_dim(end: NormMatch, others) -> int:
-    return others[0][1] if others and end.dim is not None and end.dim == others[0][1] else end.dim
 
 
 def _parallel_sum(view: GraphView, stream: fx.Node, branch: fx.Node) -> bool:
@@ -504,9 +496,12 @@ def _resolve_nesting(ctx: _Context, candidates: list[SiteMatch], residuals: list
     """
     view = ctx.view
     dropped: set = set()
+    positions = [view.index[c.sum] for c in candidates]   # candidates come in graph order
     for d in list(candidates) + list(residuals):
         is_site = isinstance(d, SiteMatch)
-        for c in candidates:
+        lo = bisect.bisect_right(positions, view.index[view.root(d.stream_value)])
+        hi = bisect.bisect_left(positions, view.index[d.sum])
+        for c in candidates[lo:hi]:   # only candidates between d's stream and d's sum can be inside it
             if id(c) in dropped or not _inside(view, c, d):
                 continue
             if _carries_stream(ctx, d.stream_value, c.stream_value) and any(
@@ -544,9 +539,6 @@ def _stack_inside(view: GraphView, c: SiteMatch, d) -> bool:
                for key, path, _c in view.module_stack(c.sum))
 
 
-_VIEW_TARGETS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
-
-
 def _carries_stream(ctx: _Context, src: fx.Node, dst: fx.Node) -> bool:
     """``dst`` is the value ``src`` carried along by value-preserving ops, views of any shape, axis
     permutations, scales and adds (the stream between two steps), not by any other computation."""
@@ -570,7 +562,7 @@ def _carries_stream(ctx: _Context, src: fx.Node, dst: fx.Node) -> bool:
             nxt = [scaled[0]]
         elif view.add_operands(node) is not None:
             nxt = list(view.add_operands(node))
-        elif _is_view_op(node) and node.args and isinstance(node.args[0], fx.Node):
+        elif is_reshape(node) and node.args and isinstance(node.args[0], fx.Node):
             nxt = [node.args[0]]
         for n in nxt:
             if isinstance(n, fx.Node) and n not in seen:
@@ -677,7 +669,7 @@ def _assign_streams_and_blocks(ctx: _Context, sites: list[SiteMatch]) -> list[in
             continue
         best = None
         reshapes = view.passthrough_input(node) is not None or view.permutation(node) is not None \
-            or _is_view_op(node)
+            or is_reshape(node)
         for i in view.data_inputs(node):
             c = carrier.get(i)
             if c is None or not (reshapes or _same_size_last(view, i, node)):
@@ -711,11 +703,6 @@ def _assign_streams_and_blocks(ctx: _Context, sites: list[SiteMatch]) -> list[in
 def _same_size_last(view: GraphView, a: fx.Node, b: fx.Node) -> bool:
     la, lb = view.last_dim(a), view.last_dim(b)
     return la is None or lb is None or str(la) == str(lb)
-
-
-def _is_view_op(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and \
-        str(getattr(node.target, "__name__", node.target)).split(".")[0] in _VIEW_TARGETS
 
 
 def _same_feature_size(view: GraphView, a: SiteMatch, b: SiteMatch) -> bool:
