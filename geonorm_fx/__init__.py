@@ -9,6 +9,7 @@ from .api import convert, inspect
 from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InputShapeError,
                      InvalidInputError, NoSitesError, ScheduleError)
 from .geodesic import GeodesicUpdate, geodesic_step
+from .install import install, load_updates
 from .identity import identity_gap, prenorm_identity_gap
 from .oracles import OracleResult, StructuralCheck, check_sites, structural_check
 from .module import GeoNormModule
@@ -18,7 +19,7 @@ from .schedules import decay_constants
 __version__ = "0.1.0"
 
 __all__ = [
-    "inspect", "convert", "Report", "Site", "Skip", "geodesic_step", "GeodesicUpdate", "decay_constants",
+    "inspect", "convert", "install", "load_updates", "Report", "Site", "Skip", "geodesic_step", "GeodesicUpdate", "decay_constants",
     "GeoNormModule", "prenorm_identity_gap", "identity_gap", "structural_check", "StructuralCheck",
     "check_sites", "OracleResult", "GeoNormError", "CaptureError", "NoSitesError", "ScheduleError", "InvalidInputError",
     "ConversionError", "GeoNormWarning", "InputShapeError",

@@ -26,29 +26,33 @@ def inspect(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
     the block, and the module path; norms that are not rewritten are listed in ``report.skipped``.
     """
     _check_schedule(schedule)
-    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, modes=("eval",))
+    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, modes=("eval",), copy_weights=False)
     analysis = analyze(GraphView(cap.graphs["eval"]))
     decays = _decays(schedule, analysis)
-    report = _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic)
+    report = _report(analysis, decays, range(len(analysis.sites)), schedule, cap.tracer, cap.dynamic, updates={})
     return _with_shapes(report, cap)
 
 
 def convert(model, args=(), kwargs=None, *, schedule: Schedule = "harmonic", clamp: float = math.pi / 4,
             learnable: bool = True, kinds: Iterable[str] | None = None, dynamic: bool = True,
-            tracer: str = "auto", strict: bool = False) -> nn.Module:
+            tracer: str = "auto", strict: bool = False, copy: bool = True) -> nn.Module:
     """Rewrite every residual site of ``model`` into a geodesic update (GEONORM.md sections 2-4).
 
     Each site ``i`` becomes ``GeodesicUpdate(decay_k, clamp, learnable)`` with ``decay_k`` from
     ``schedule`` for its block ``k``; post-norms are removed, branch-input norms stay. The result is a
     :class:`GeoNormModule` (an ordinary, trainable ``nn.Module``) whose ``geonorm_report`` lists
     what was rewritten. ``kinds`` restricts the rewrite to the named kinds; ``strict=True`` raises
-    :class:`NoSitesError` when nothing was rewritten.
+    :class:`NoSitesError` when nothing was rewritten. ``copy=False``: the result holds the source's own
+    parameter and buffer objects instead of copies (no second copy of the weights in memory; training the
+    result then trains the source's tensors too, the one exception to "the source is never mutated").
     """
     _check_kinds(kinds)
     _check_schedule(schedule)
     if not isinstance(clamp, (int, float)) or not (0.0 < float(clamp) <= math.pi):
         raise InvalidInputError(f"clamp must be an angle in (0, pi], got {clamp!r}")
-    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer)
+    if not isinstance(copy, bool):
+        raise InvalidInputError(f"copy must be True or False, got {copy!r}")
+    cap = capture(model, args, kwargs, dynamic=dynamic, tracer=tracer, copy_weights=copy)
     return convert_captured(cap, schedule=schedule, clamp=clamp, learnable=learnable, kinds=kinds, strict=strict)
 
 
@@ -85,9 +89,10 @@ def convert_captured(cap: Captured, *, schedule: Schedule = "harmonic", clamp: f
         removed |= rewrite_sites(gm, sites, [f"{prefix}.{j}" for j in range(len(chosen))], recompile=False)
     still_used = {n.target for gm in cap.graphs.values() for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     removed -= still_used
-    for target in removed:
+    for target in removed if not cap.shared else ():  # shared modules are the source's: leave them whole
         _delete(root, target)
-    report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set)
+    report = _report(reference, decays, chosen, schedule, cap.tracer, cap.dynamic, kind_set,
+                     {i: f"{prefix}.{j}" for j, i in enumerate(chosen)})
     report.removed_parameters = sorted(removed)
     return GeoNormModule(cap.graphs, _with_shapes(report, cap), inputs=cap.inputs, training=cap.training)
 
@@ -99,7 +104,10 @@ def _with_shapes(report: Report, cap: Captured) -> Report:
     return report
 
 
-def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_set=None) -> Report:
+def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_set=None,
+            updates: dict[int, str] | None = None) -> Report:
+    """``updates``: per chosen site index the module path of its update (default ``geonorm.<j>``)."""
+    updates = updates if updates is not None else {i: f"geonorm.{j}" for j, i in enumerate(chosen)}
     chosen = set(chosen)
     sites = []
     skipped = list(analysis.skipped)
@@ -107,7 +115,7 @@ def _report(analysis: Analysis, decays, chosen, schedule, tracer, dynamic, kind_
         if i in chosen:
             sites.append(Site(kind=s.kind, norm=s.norm.kind, block=s.block, decay=decays[i],
                               path=s.path, node=s.sum.name, stream=s.stream,
-                              norm_path=s.norm.path))
+                              norm_path=s.norm.path, update=updates.get(i, "")))
         else:
             skipped.append(Skip(reason=f"{s.kind} site left as it is: kind {s.kind!r} not in "
                                        f"kinds={sorted(kind_set or ())}", node=s.sum.name, path=s.path))

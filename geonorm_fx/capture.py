@@ -93,6 +93,7 @@ class Captured:
     dynamic: bool
     inputs: list[InputShape] | None = None
     training: bool = True
+    shared: bool = False   # the graphs hold the source's own modules/tensors (``copy_weights=False``)
 
     def dynamic_dims(self) -> dict[str, list[int]]:
         """``{input name: dims that stayed dynamic}`` for every tensor input ({} when not tracked)."""
@@ -104,30 +105,43 @@ class Captured:
 
 
 def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = "auto",
-            modes: tuple[str, ...] = MODES) -> Captured:
-    """Capture ``model`` on example inputs ``args``/``kwargs``; see the module docstring."""
+            modes: tuple[str, ...] = MODES, copy_weights: bool = True) -> Captured:
+    """Capture ``model`` on example inputs ``args``/``kwargs``; see the module docstring.
+
+    ``copy_weights=False``: the graphs hold the source's own parameter and buffer objects instead of copies
+    (``inspect``, ``convert(copy=False)``); the source's mode is switched for each capture and restored."""
     args, kwargs = normalize_inputs(args, kwargs)
     if tracer not in TRACERS:
         raise InvalidInputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     if isinstance(model, ExportedProgram):  # an ExportedProgram is an inference artifact: eval
-        return _given(copy.deepcopy(_functional(model).module()), args, kwargs, modes, "export", training=False)
+        unlifted = _functional(model).module()
+        return _given(copy.deepcopy(unlifted) if copy_weights else unlifted, args, kwargs, modes, "export",
+                      training=False)
     if isinstance(model, fx.GraphModule) and tracer == "auto":
-        return _given(_deepcopy(model), args, kwargs, modes, "given", training=model.training)
+        given = _deepcopy(model) if copy_weights else _copy_graph_module(model)
+        cap = _given(given, args, kwargs, modes, "given", training=model.training)
+        cap.shared = not copy_weights
+        return cap
     if not isinstance(model, nn.Module):
         raise InvalidInputError(
             f"expected a torch.nn.Module, fx.GraphModule or ExportedProgram, got {type(model).__name__}")
     training = bool(model.training)
-    work = _deepcopy(model)
+    work = _deepcopy(model) if copy_weights else model
+    modes_before = {m: m.training for m in work.modules()} if not copy_weights else {}
     graphs = {}
     is_dynamic = dynamic
-    for mode in modes:
-        work.train(mode == "train")
-        if tracer == "fx":
-            graphs[mode] = _fx_trace(work, args, kwargs)
-            is_dynamic = False
-        else:
-            graphs[mode], is_dynamic = _export(work, args, kwargs, dynamic, warn=(mode == modes[0]))
-            dynamic = is_dynamic
+    try:
+        for mode in modes:
+            work.train(mode == "train")
+            if tracer == "fx":
+                graphs[mode] = _fx_trace(work, args, kwargs)
+                is_dynamic = False
+            else:
+                graphs[mode], is_dynamic = _export(work, args, kwargs, dynamic, warn=(mode == modes[0]))
+                dynamic = is_dynamic
+    finally:
+        for m, was_training in modes_before.items():
+            m.training = was_training
     for gm in graphs.values():
         _explicit_contiguous(gm)
     inputs = None
@@ -137,7 +151,8 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
         if any(i.fixed for i in inputs):
             is_dynamic = False
             _warn_fixed(inputs)
-    return Captured(graphs, "fx" if tracer == "fx" else "export", is_dynamic, inputs, training)
+    return Captured(graphs, "fx" if tracer == "fx" else "export", is_dynamic, inputs, training,
+                    shared=not copy_weights)
 
 
 def _warn_fixed(inputs: list[InputShape]) -> None:

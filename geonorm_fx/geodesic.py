@@ -11,7 +11,7 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ScheduleError
 
 #: ``R`` is floored here; a token whose state norm is below it falls back to ``x + s``.
 R_FLOOR = 1e-6
@@ -102,9 +102,13 @@ def _norm(t: Tensor, dim: int) -> Tensor:
 class GeodesicUpdate(nn.Module):
     """``forward(x, s) = geodesic_step(x, s, scale, bias, decay, clamp, dim)`` for one residual site.
 
-    ``scale`` (init 1) and ``bias`` (init 0) are 0-dim parameters when ``learnable`` is true and plain
-    constants otherwise; ``decay`` is the site's layer-wise decay constant (GEONORM.md section 3);
-    ``dim`` the stream's feature dimension (negative: counted from the end).
+    ``scale`` (init 1) and ``bias`` (init 0) are 1-element parameters when ``learnable`` is true (not 0-dim:
+    FSDP2 shards no 0-dim parameter) and plain constants otherwise; ``decay`` is the site's layer-wise decay
+    constant (GEONORM.md section 3); ``dim`` the stream's feature dimension (negative: counted from the end).
+
+    ``decay`` is also a persistent buffer ``decay_constant`` (float64), so a ``state_dict`` records the
+    schedule it was trained with: loading it into an update with another decay raises :class:`ScheduleError`
+    (a model converted or installed with another schedule) instead of silently changing the model.
     """
 
     def __init__(self, decay: float = 1.0, clamp: float = math.pi / 4, learnable: bool = True, dim: int = -1):
@@ -122,11 +126,13 @@ class GeodesicUpdate(nn.Module):
         self.clamp = clamp
         self.learnable = bool(learnable)
         if self.learnable:
-            self.scale = nn.Parameter(torch.ones(()))
-            self.bias = nn.Parameter(torch.zeros(()))
+            self.scale = nn.Parameter(torch.ones(1))
+            self.bias = nn.Parameter(torch.zeros(1))
         else:
             self.scale = 1.0
             self.bias = 0.0
+        self.register_buffer("decay_constant", torch.tensor([decay], dtype=torch.float64))
+        self._register_load_state_dict_pre_hook(_check_decay_on_load, with_module=True)
 
     def forward(self, x: Tensor, s: Tensor) -> Tensor:
         return geodesic_step(x, s, scale=self.scale, bias=self.bias, decay=self.decay, clamp=self.clamp,
@@ -135,6 +141,36 @@ class GeodesicUpdate(nn.Module):
     def extra_repr(self) -> str:
         feature = "" if self.dim == -1 else f", dim={self.dim}"
         return f"decay={self.decay:.6g}, clamp={self.clamp:.6g}, learnable={self.learnable}{feature}"
+
+
+def _check_decay_on_load(module: GeodesicUpdate, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    _check_decay(module, state_dict, prefix)
+
+
+def check_decays_before_load(root: nn.Module, state_dict, prefix, *_rest) -> None:
+    """A ``load_state_dict`` pre-hook for a model holding updates: every update's decay is compared before
+    any tensor is loaded, so a refused ``state_dict`` changes nothing."""
+    for name, module in root.named_modules():
+        if isinstance(module, GeodesicUpdate):
+            _check_decay(module, state_dict, prefix + (name + "." if name else ""))
+
+
+def _check_decay(module: GeodesicUpdate, state_dict, prefix: str) -> None:
+    """Refuse a ``state_dict`` whose decay constant differs from this update's (compared at the coarser of
+    the two precisions: a model cast to bfloat16 holds its decays in bfloat16)."""
+    saved = state_dict.get(prefix + "decay_constant")
+    if saved is None or not isinstance(saved, torch.Tensor) or saved.numel() != 1:
+        return
+    mine = module.decay_constant
+    coarse = saved.dtype if torch.finfo(saved.dtype).eps > torch.finfo(mine.dtype).eps else mine.dtype
+    a, b = float(saved.reshape(())), float(mine.reshape(()))
+    if abs(a - b) > 2 * torch.finfo(coarse).eps * max(abs(a), abs(b), 1e-12):
+        raise ScheduleError(
+            f"the state_dict was saved with decay {a:.6g} at {prefix}decay_constant, but this model's update "
+            f"there has decay {b:.6g}: it was converted or installed with another schedule (or another block "
+            "numbering). Load it into a model converted/installed with the schedule the state_dict was "
+            "trained with")
 
 
 @contextmanager

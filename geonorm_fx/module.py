@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from .errors import GeoNormError, InputShapeError
+from .geodesic import check_decays_before_load
 from .report import Report
 
 _counter = itertools.count()
@@ -50,6 +51,7 @@ class GeoNormModule(nn.Module):
         self._geonorm_graphs = {mode: self._adopt(mode, gm, root) for mode, gm in graphs.items()}
         self.geonorm_report = report
         self._geonorm_input_checks = _input_checks(inputs)
+        self._register_load_state_dict_pre_hook(check_decays_before_load, with_module=True)
         self._compile()
         self.train(training)
 

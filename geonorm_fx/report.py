@@ -17,7 +17,9 @@ class Site:
     0-based block index along its residual stream; ``decay``: the block's decay constant; ``path``:
     module path of the block (``""`` when the graph carries none); ``node``: the graph node of the
     residual add; ``stream``: which residual stream (0 unless the model has several);
-    ``norm_path``: module path of the site's named norm (``""`` when the graph carries none).
+    ``norm_path``: module path of the site's named norm (``""`` when the graph carries none);
+    ``update``: the module path of the site's :class:`GeodesicUpdate` in the result (``"geonorm.3"`` in a
+    converted module, ``"geonorm.model.layers.1.site0"`` in an installed model; ``""`` if not rewritten).
     """
 
     kind: str
@@ -28,6 +30,7 @@ class Site:
     node: str = ""
     stream: int = 0
     norm_path: str = ""
+    update: str = ""
 
 
 @dataclass(frozen=True)

@@ -77,13 +77,13 @@ def test_state_dict_keeps_source_names(prenorm):
     src = set(model.state_dict())
     new = set(converted.state_dict())
     assert src <= new
-    assert new - src == {f"geonorm.{i}.{p}" for i in range(4) for p in ("scale", "bias")}
+    assert new - src == {f"geonorm.{i}.{p}" for i in range(4) for p in ("scale", "bias", "decay_constant")}
     post = Stack(PostNormBlock, depth=2, final_norm=False)
     conv = gf.convert(post, (tokens(),))
     removed = {f"blocks.{b}.{n}.{p}" for b in range(2) for n in ("norm1", "norm2") for p in ("weight", "bias")}
     assert set(conv.geonorm_report.removed_parameters) == removed
     assert set(conv.state_dict()) == (set(post.state_dict()) - removed) | {
-        f"geonorm.{i}.{p}" for i in range(4) for p in ("scale", "bias")}
+        f"geonorm.{i}.{p}" for i in range(4) for p in ("scale", "bias", "decay_constant")}
     conv.load_state_dict(post.state_dict(), strict=False)
 
 
@@ -225,7 +225,9 @@ def test_graph_module_and_exported_program_inputs_are_used_as_given():
 def test_learnable_false_adds_no_parameters():
     model = Stack(PreNormBlock, depth=2).eval()
     converted = gf.convert(model, (tokens(),), learnable=False)
-    assert set(converted.state_dict()) == set(model.state_dict())
+    assert {n for n, _ in converted.named_parameters()} == {n for n, _ in model.named_parameters()}
+    # the state_dict adds only each update's decay constant (the schedule it was converted with)
+    assert set(converted.state_dict()) == set(model.state_dict()) | {f"geonorm.{i}.decay_constant" for i in range(4)}
 
 
 def test_bad_inputs_raise_clear_errors():

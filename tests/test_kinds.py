@@ -86,8 +86,8 @@ def test_a_shared_layer_applied_n_times_is_n_blocks():
     assert [s.block for s in report.sites] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [s.decay for s in report.sites] == [1, 1, 0.5, 0.5, 1 / 3, 1 / 3, 0.25, 0.25]
     assert {s.path for s in report.sites} == {"layer"}
-    assert set(module.state_dict()) - set(model.state_dict()) == {f"geonorm.{i}.{p}" for i in range(8)
-                                                                  for p in ("scale", "bias")}
+    assert set(module.state_dict()) - set(model.state_dict()) == {
+        f"geonorm.{i}.{p}" for i in range(8) for p in ("scale", "bias", "decay_constant")}
     with torch.no_grad():
         x = model.embed(tokens())
         for k in range(4):

@@ -66,7 +66,7 @@ def _erase_dead(graph: fx.Graph, view: GraphView, candidates: set[fx.Node]) -> s
     longer have users, latest first."""
     dropped: set[str] = set()
     for node in reversed(list(graph.nodes)):
-        if node not in candidates:
+        if node not in candidates or node.op == "placeholder":  # an input stays: the calling convention
             continue
         for user in list(node.users):
             if view.is_shape_only(user) and not user.users:
