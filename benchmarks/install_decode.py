@@ -8,7 +8,8 @@ installed copy gets ``gf.install(model, (prompt,), backend=B)``. Per-token decod
 ``(t(generate 1 + N tokens) - t(generate 1 token)) / N`` (the prefill cancels), medians over ``--reps`` rounds
 run in turn (source, installed, source, ...). Compile time is the first ``generate`` call of each (every
 graph Dynamo makes: prefill, first decode step, the dynamic decode step), for install plus ``install``
-itself. Results go to ``benchmarks/results/install_decode.json``.
+itself, with Inductor's on-disk caches off (``--warm-cache`` keeps them). Results go to
+``benchmarks/results/install_decode.json``.
 """
 from __future__ import annotations
 
@@ -55,8 +56,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="let Inductor reuse its on-disk caches (compile times then depend on earlier runs)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "install_decode.json"))
     args = ap.parse_args(argv)
+    if not args.warm_cache:  # compile times of a first run, not of a cache hit from an earlier run
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
 
     source = build(args.layers, args.hidden)
     installed = copy.deepcopy(source)

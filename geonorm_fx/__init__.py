@@ -4,6 +4,7 @@ geodesic updates (arXiv 2601.22095), as an fx compiler pass.
     import geonorm_fx as gf
     report = gf.inspect(model, (input_ids,))        # what would be rewritten, and why not the rest
     module = gf.convert(model, (input_ids,))        # an ordinary, trainable nn.Module
+    gf.install(model, (input_ids,))                 # or: the model itself, changed in place (generate, Trainer, ...)
 """
 from .api import convert, inspect
 from .errors import (CaptureError, ConversionError, GeoNormError, GeoNormWarning, InputShapeError,

@@ -65,6 +65,7 @@ class InstallPlan:
     rewritten: set = field(default_factory=set)
     backend: object = "inductor"
     fullgraph: bool = True
+    prefix: str = PREFIX   # the updates' attribute: ``geonorm`` unless the model has one (then ``geonorm_1``...)
 
 
 def install(model: nn.Module, args=(), kwargs=None, *, schedule: Schedule = "harmonic",
@@ -109,15 +110,15 @@ def install(model: nn.Module, args=(), kwargs=None, *, schedule: Schedule = "har
         raise InvalidInputError(
             f"{type(target).__name__}.forward was replaced on the instance (by accelerate hooks, an earlier "
             "torch.compile or a wrapper): install on a model whose forward is its class's")
-    if hasattr(target, PREFIX):
-        raise InvalidInputError(f"{type(target).__name__} already has an attribute {PREFIX!r}; install needs that name")
     args, kwargs = normalize_inputs(args, kwargs)
 
     analysis = _discover(target, args, kwargs, fullgraph)
     decays = _decays(schedule, analysis)
     chosen = [i for i, s in enumerate(analysis.sites) if kind_set is None or s.kind in kind_set]
     keys = site_keys(analysis.sites)
-    plan = InstallPlan(backend=backend, fullgraph=fullgraph)
+    from .api import _free_name
+
+    plan = InstallPlan(backend=backend, fullgraph=fullgraph, prefix=_free_name(target, PREFIX))
     updates = nn.Module()
     device, dtype = _device_dtype(target)
     for key, site in zip(keys, analysis.sites):
@@ -131,9 +132,9 @@ def install(model: nn.Module, args=(), kwargs=None, *, schedule: Schedule = "har
             update.bias.data = update.bias.data.to(dtype)
         _assign(updates, key.attr, update)
     report = _report(analysis, decays, chosen, schedule, "dynamo", True, kind_set,
-                     {i: f"{PREFIX}.{keys[i].attr}" for i in chosen})
+                     {i: f"{plan.prefix}.{keys[i].attr}" for i in chosen})
     report.tracer = "dynamo"
-    target.add_module(PREFIX, updates)
+    target.add_module(plan.prefix, updates)
     target._register_load_state_dict_pre_hook(check_decays_before_load, with_module=True)
     target.geonorm_report = report
     target.__dict__["forward"] = InstalledForward(target, plan)
@@ -146,17 +147,26 @@ def installed_forward_of(model: nn.Module) -> "InstalledForward | None":
     return fwd if isinstance(fwd, InstalledForward) else None
 
 
-def site_keys(sites: list[SiteMatch], root: str | None = "") -> list[SiteKey]:
+def site_keys(sites: list[SiteMatch], root: str | None = "", strip: str = "") -> list[SiteKey]:
     """``SiteKey(path, j)`` per site, ``path`` the block path inside the installed model (``root``: where the
-    graph's frame ran, see :func:`graph_root`): ``j`` counts the earlier sites with the same block path."""
+    graph's frame ran, see :func:`graph_root`; ``strip``: the attribute a wrapper holds the model under, for
+    a graph of a wrapper): ``j`` counts the earlier sites with the same block path."""
     seen: dict[str, int] = {}
     keys = []
     for s in sites:
-        path = _join(root, s.path)
+        path = _join(root, _strip(s.path, strip))
         j = seen.get(path, 0)
         seen[path] = j + 1
         keys.append(SiteKey(path, j))
     return keys
+
+
+def _strip(path: str, prefix: str) -> str:
+    if not prefix:
+        return path
+    if path == prefix:
+        return ""
+    return path[len(prefix) + 1:] if path.startswith(prefix + ".") else "?" + path
 
 
 def _join(root: str | None, path: str) -> str:
@@ -240,22 +250,40 @@ class GeoNormBackend:
         plan = self.owner.plan
         aten, state = aten_graph(gm)
         analysis = analyze_with_parameters(aten, set(state))
-        root = graph_root(state, example_inputs, module)
-        keys = site_keys(analysis.sites, root)
-        _check_against_plan(aten, analysis.sites, keys, plan, root)
-        updates = getattr(module, PREFIX)
-        chosen, targets = [], []
-        for site, key in zip(analysis.sites, keys):
-            if key in plan.rewritten:
-                name = f"_geonorm_{len(chosen)}"
-                aten.add_module(name, updates.get_submodule(key.attr))
-                chosen.append(site)
-                targets.append(name)
-        if chosen:
-            rewrite_sites(aten, chosen, targets, recompile=True)
+        apply_plan(aten, analysis.sites, plan, module, graph_root(state, example_inputs, module))
         if plan.backend == "eager":
             aten = outline_checkpoints(aten)
         return _inner_backend(plan.backend)(aten, example_inputs)
+
+
+def apply_plan(aten: fx.GraphModule, sites: list[SiteMatch], plan: InstallPlan, module: nn.Module,
+               root: str | None, strip: str = "") -> int:
+    """Check a graph's sites against the install plan and rewrite the planned ones with the model's own
+    updates (``call_module`` to the same objects); return how many were rewritten."""
+    keys = site_keys(sites, root, strip)
+    _check_against_plan(aten, sites, keys, plan, root, strip)
+    updates = getattr(module, plan.prefix)
+    chosen, targets = [], []
+    for site, key in zip(sites, keys):
+        if key in plan.rewritten:
+            name = f"_geonorm_{len(chosen)}"
+            aten.add_module(name, updates.get_submodule(key.attr))
+            chosen.append(site)
+            targets.append(name)
+    if chosen:
+        rewrite_sites(aten, chosen, targets, recompile=True)
+    return len(chosen)
+
+
+def rewrite_with_plan(gm: fx.GraphModule, model: nn.Module, prefix: str = "") -> int:
+    """Rewrite a torch.export graph (``ExportedProgram.module()``) of the installed ``model``, or of a wrapper
+    holding it at attribute ``prefix``, with the model's updates: the same detector and plan check as the
+    install backend (exporters use it to carry an installed model into ONNX)."""
+    fwd = installed_forward_of(model)
+    if fwd is None:
+        raise InvalidInputError(f"{type(model).__name__} has no GeoNorm installed")
+    analysis = analyze(GraphView(gm))
+    return apply_plan(gm, analysis.sites, fwd.plan, _installable(model), "", prefix)
 
 
 def aten_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[int, str]]:
@@ -334,7 +362,7 @@ def analyze_with_parameters(aten: fx.GraphModule, params: set[int]) -> Analysis:
 
 
 def _check_against_plan(aten: fx.GraphModule, sites: list[SiteMatch], keys: list[SiteKey], plan: InstallPlan,
-                        root: str | None) -> None:
+                        root: str | None, strip: str = "") -> None:
     """Every site of the graph was registered at install time, with the same kind; every registered site of a
     block the graph computes any part of is in the graph."""
     found = {}
@@ -351,7 +379,7 @@ def _check_against_plan(aten: fx.GraphModule, sites: list[SiteMatch], keys: list
         raise ConversionError(
             f"this call's graph has residual sites that were not found at install time ({names}): the "
             "model computes other blocks for this call; install with an example call that runs them")
-    touched = {_join(root, p) for p in _touched_paths(aten)} if root is not None else set()
+    touched = {_join(root, _strip(p, strip)) for p in _touched_paths(aten)} if root is not None else set()
     missing = [k for k in plan.rewritten if k not in found and k.path in touched]
     if missing:
         names = ", ".join(k.attr for k in missing[:6])
@@ -469,28 +497,46 @@ def _dynamo_error(e: BaseException, at_install: bool = False) -> GeoNormError:
     return CaptureError(f"torch.compile failed {where} ({name}: {first})")
 
 
-@contextlib.contextmanager
-def _dynamo_settings():
-    """Recompiling past the limit must fail rather than fall back to the model without its updates; a log
-    call inside the model (Hugging Face's ``logger.warning_once``) is dropped from the graph, not a break."""
-    import logging
+class _DynamoSettings:
+    """Around every call of an installed model: recompiling past the limit fails rather than falling back to the
+    model without its updates; a log call inside the model (Hugging Face's ``logger.warning_once``) is dropped
+    from the graph instead of breaking it; torch's fused inference path of ``nn.TransformerEncoderLayer`` /
+    ``MultiheadAttention`` (a whole layer as one native op, in which no residual sum can be rewritten) is off.
+    Plain attribute swaps (a ``config.patch`` per call cost ~24 us)."""
 
-    import torch._dynamo.config as dynamo_config
+    def __init__(self):
+        self._loggers = None
 
-    logger_methods = {getattr(logging.Logger, name) for name in
-                      ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice")
-                      if hasattr(logging.Logger, name)}
-    # torch's fused inference path of nn.TransformerEncoderLayer / MultiheadAttention runs a whole layer as
-    # one native op, in which no residual sum can be rewritten: the installed model takes the unfused path
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with dynamo_config.patch(fail_on_recompile_limit_hit=True,
-                                 recompile_limit=max(dynamo_config.recompile_limit, 16),
-                                 ignore_logging_functions=set(dynamo_config.ignore_logging_functions) | logger_methods):
+    def _values(self, config) -> dict:
+        if self._loggers is None:
+            import logging
+
+            self._loggers = {getattr(logging.Logger, name) for name in
+                             ("debug", "info", "warning", "warn", "warning_once", "info_once", "warning_advice")
+                             if hasattr(logging.Logger, name)}
+        ignored = config.ignore_logging_functions
+        return {"fail_on_recompile_limit_hit": True, "recompile_limit": max(config.recompile_limit, 16),
+                "ignore_logging_functions": ignored if self._loggers <= ignored else set(ignored) | self._loggers}
+
+    @contextlib.contextmanager
+    def __call__(self):
+        import torch._dynamo.config as config
+
+        saved = {}
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        try:
+            for name, value in self._values(config).items():
+                saved[name] = getattr(config, name)
+                setattr(config, name, value)
+            torch.backends.mha.set_fastpath_enabled(False)
             yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        finally:
+            for name, value in saved.items():
+                setattr(config, name, value)
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+_dynamo_settings = _DynamoSettings()
 
 
 def _fresh_entry(original):
@@ -570,14 +616,23 @@ def load_updates(model: nn.Module, source) -> list[str]:
     This is the second half of reloading: ``from_pretrained`` restores the source weights and ignores the
     updates, ``install`` registers fresh ones, and this loads their trained values. The saved and installed
     update names must be the same set, and every decay constant must match (:class:`ScheduleError`
-    otherwise); nothing is loaded unless all of it can be."""
+    otherwise); nothing is loaded unless all of it can be.
+
+    ``source`` may also be a module from :func:`geonorm_fx.convert` (or another installed copy) of the same
+    model: its updates are matched to the installed ones site by site (both reports list the sites in graph
+    order; kinds, blocks, streams and paths must agree), so a model trained as a converted module can be served
+    through the installed road (``generate``, the cached ONNX decoder)."""
     target = _installable(model)
     if installed_forward_of(target) is None:
         raise InvalidInputError("load_updates needs a model that gf.install has changed: install it first, "
                                 "with the schedule the updates were trained with")
-    state = _read_state(source)
-    saved = {k: v for k, v in state.items() if k.startswith(PREFIX + ".")}
-    mine = {k for k in target.state_dict() if k.startswith(PREFIX + ".")}
+    if isinstance(source, nn.Module) and hasattr(_installable(source), "geonorm_report"):
+        state = _from_converted(_installable(source), target)
+    else:
+        state = _read_state(source)
+    prefix = installed_forward_of(target).plan.prefix + "."
+    saved = {k: v for k, v in state.items() if k.startswith(prefix)}
+    mine = {k for k in target.state_dict() if k.startswith(prefix)}
     if set(saved) != mine:
         extra, missing = sorted(set(saved) - mine), sorted(mine - set(saved))
         raise ConversionError(
@@ -587,6 +642,24 @@ def load_updates(model: nn.Module, source) -> list[str]:
     result = target.load_state_dict(saved, strict=False)
     assert not result.unexpected_keys
     return sorted(saved)
+
+
+def _from_converted(converted: nn.Module, target: nn.Module) -> dict:
+    """The converted module's update tensors under the installed model's names, site by site."""
+    mine, theirs = target.geonorm_report.sites, converted.geonorm_report.sites
+    describe = [(s.kind, s.block, s.stream, s.path) for s in mine]
+    if describe != [(s.kind, s.block, s.stream, s.path) for s in theirs]:
+        raise ConversionError(
+            f"the converted module's sites ({len(theirs)}) are not the installed model's ({len(mine)}) site for "
+            "site (kind, block, stream, path): convert and install the same model with the same kinds")
+    state = converted.state_dict()
+    out = {}
+    for a, b in zip(mine, theirs):
+        for name in ("scale", "bias", "decay_constant"):
+            key = f"{b.update}.{name}"
+            if key in state:
+                out[f"{a.update}.{name}"] = state[key]
+    return out
 
 
 def _read_state(source) -> dict:

@@ -59,8 +59,9 @@ def export_aot(module: nn.Module, args, path: str, *, kwargs=None, dynamic: bool
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return torch._inductor.aoti_compile_and_package(program, package_path=path)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason
-        raise GeoNormError(f"AOTInductor could not package {type(module).__name__}: {type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+        from .onnx import export_error
+
+        raise export_error(f"AOTInductor could not package {type(module).__name__}", e) from e
     finally:
         module.train(was_training)
 

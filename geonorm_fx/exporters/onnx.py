@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -94,18 +95,69 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
     with _eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
         shapes = dynamic_shapes_for(module, args, kwargs) if dynamic else None
+        names = output_names(module, args, kwargs)
         try:
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=shapes, external_data=external_data, verbose=False)
+                                        dynamic_shapes=shapes, external_data=external_data, verbose=False,
+                                        output_names=names)
         except Exception as e:  # noqa: BLE001 - re-raised with the reason
-            raise GeoNormError(f"torch.onnx could not export {type(module).__name__}: {type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0][:300]}") from e
+            raise export_error(f"torch.onnx could not export {type(module).__name__}", e) from e
         program.save(path, external_data=external_data)
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     result = OnnxExport(path=path, opset=opset, size_bytes=size)
     if verify:
         verify_onnx(module, args, kwargs, result, providers)
     return result
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def export_error(what: str, e: BaseException) -> GeoNormError:
+    """A :class:`GeoNormError` that keeps the cause: the exception's type and message (terminal escape codes
+    stripped, up to 40 lines), and the innermost cause's type and message when it is another exception (torch.onnx
+    wraps the real failure, e.g. a decomposition error, in its own)."""
+    def text(x: BaseException) -> str:
+        lines = [line.rstrip() for line in _ANSI.sub("", str(x)).strip().splitlines() if line.strip()]
+        body = "\n    ".join(lines[:40]) + ("\n    ..." if len(lines) > 40 else "")
+        return f"{type(x).__name__}: {body}" if body else type(x).__name__
+
+    root, seen = e, 0
+    while (root.__cause__ is not None or root.__context__ is not None) and seen < 20:
+        root = root.__cause__ or root.__context__
+        seen += 1
+    message = f"{what}: {text(e)}"
+    if root is not e and text(root) not in message:
+        message += f"\n  caused by {text(root)}"
+    return GeoNormError(message)
+
+
+def output_names(module: nn.Module, args: tuple, kwargs: dict) -> list[str] | None:
+    """ONNX output names from the model's output structure: the keys and attribute names on the path to each
+    tensor (``logits``, ``last_hidden_state``, ``hidden_states.2``), ``output`` for a lone tensor, ``output_0``,
+    ``output_1`` ... for plain tuples. ``None`` (torch.onnx's default names) when the call fails or gives a
+    non-tensor leaf the export would drop."""
+    try:
+        with torch.no_grad(), _eval_mode(module):
+            out = module(*args, **kwargs)
+        leaves = pytree.tree_flatten_with_path(out)[0]
+    except Exception:  # noqa: BLE001 - names are a convenience: the export reports real failures
+        return None
+    if not leaves or not all(isinstance(v, torch.Tensor) for _, v in leaves):
+        return None
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    names = []
+    for path, _ in leaves:
+        parts = []
+        for key in path:
+            for attr in ("key", "name", "idx"):
+                if hasattr(key, attr):
+                    parts.append(str(getattr(key, attr)))
+                    break
+        name = ".".join(parts)
+        names.append(name if not name.isdigit() and name else f"output_{name or len(names)}")
+    return names if len(set(names)) == len(names) else None
 
 
 def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport,
