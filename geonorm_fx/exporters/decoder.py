@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import GeoNormError, InvalidInputError
+from ..errors import InvalidInputError
 from ..install import _installable, installed_forward_of, rewrite_with_plan
 from .onnx import DEFAULT_OPSET, VerificationError, _ort_failure, export_error, ort_session, tolerance
 
@@ -94,49 +94,97 @@ def decoder_inputs(model: nn.Module, batch: int, new: int, past: int, vocab_high
     return (ids, mask, *([positions] if takes_position_ids else []), *flat)
 
 
+def decoder_graph(model: nn.Module):
+    """``(graph, example, dynamic_shapes, takes_position_ids, n_layers)``: the cached decoder of ``model`` captured
+    with torch.export (dynamic batch, new tokens and past length) and, for an installed model, rewritten with its
+    updates; ``graph`` takes the inputs flat, in :func:`decoder_names` order."""
+    target = _installable(model)
+    if not hasattr(target, "config") or not hasattr(target.config, "vocab_size"):
+        raise InvalidInputError(f"a cached decoder needs a Hugging Face causal LM, got {type(target).__name__}")
+    takes_position_ids = _takes_position_ids(target)
+    example = decoder_inputs(target, 2, 3, 5)
+    n_layers = (len(example) - (3 if takes_position_ids else 2)) // 2
+    wrapper = CachedDecoder(target, n_layers, takes_position_ids).eval()
+    shapes = _dynamic_shapes(len(example), takes_position_ids)
+    try:
+        program = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise export_error(f"torch.export could not capture {type(target).__name__} as a cached decoder", e) from e
+    graph = program.module()
+    if installed_forward_of(target) is not None:
+        rewrite_with_plan(graph, target, prefix=WRAPPED)
+    flat_shapes = (shapes[0], shapes[1], *shapes[2])   # the unlifted graph takes the inputs flat
+    return graph, example, flat_shapes, takes_position_ids, n_layers
+
+
 def export_decoder(model: nn.Module, path: str, *, opset: int | None = None, verify: bool = True,
                    providers: list[str] | None = None) -> DecoderExport:
     """Write ``model`` (a Hugging Face causal LM, installed with ``gf.install`` or not) as a cached decoder to
     ``path`` (see the module docstring) and, with ``verify``, check it in ONNX Runtime against the model's own
     cached forward at two past lengths (5 and 9, with 3 and 1 new tokens, batch 2 and 1)."""
     target = _installable(model)
-    if not hasattr(target, "config") or not hasattr(target.config, "vocab_size"):
-        raise InvalidInputError(f"export_decoder needs a Hugging Face causal LM, got {type(target).__name__}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    takes_position_ids = _takes_position_ids(target)
-    was_training = target.training
-    target.eval()
-    try:
-        example = decoder_inputs(target, 2, 3, 5)
-        n_layers = (len(example) - (3 if takes_position_ids else 2)) // 2
-        wrapper = CachedDecoder(target, n_layers, takes_position_ids).eval()
+    with _eval(target), warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        graph, example, shapes, takes_position_ids, n_layers = decoder_graph(target)
         input_names, output_names = decoder_names(n_layers, takes_position_ids)
-        shapes = _dynamic_shapes(len(example), takes_position_ids)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
-            warnings.simplefilter("ignore")
-            try:
-                program = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
-            except Exception as e:  # noqa: BLE001
-                raise export_error(f"torch.export could not capture {type(target).__name__} as a cached decoder", e) from e
-            graph = program.module()
-            if installed_forward_of(target) is not None:
-                rewrite_with_plan(graph, target, prefix=WRAPPED)
-            try:
-                flat_shapes = (shapes[0], shapes[1], *shapes[2])   # the unlifted graph takes the inputs flat
-                onnx_program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset,
-                                                 dynamic_shapes=flat_shapes, input_names=input_names,
-                                                 output_names=output_names, verbose=False)
-            except Exception as e:  # noqa: BLE001
-                raise export_error(f"torch.onnx could not export {type(target).__name__} as a cached decoder", e) from e
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            onnx_program.save(path)
-        size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
-        result = DecoderExport(path, opset, size, input_names, output_names, n_layers, takes_position_ids)
-        if verify:
+        try:
+            onnx_program = torch.onnx.export(graph, example, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                             input_names=input_names, output_names=output_names, verbose=False)
+        except Exception as e:  # noqa: BLE001
+            raise export_error(f"torch.onnx could not export {type(target).__name__} as a cached decoder", e) from e
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        onnx_program.save(path)
+    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+    result = DecoderExport(path, opset, size, input_names, output_names, n_layers, takes_position_ids)
+    if verify:
+        with _eval(target):
             verify_decoder(model, result, providers)
-        return result
+    return result
+
+
+def export_decoder_aot(model: nn.Module, path: str, *, verify: bool = True):
+    """The same cached decoder as an AOTInductor package (``.pt2``): ``load_aot(path)(*inputs)`` returns
+    ``[logits, present.0.key, ...]`` for inputs in :func:`decoder_names` order. With ``verify``, checked against
+    the model's cached forward at past lengths 5 and 9. Returns the path. The package holds native code: load only
+    packages you trust."""
+    target = _installable(model)
+    if not str(path).endswith(".pt2"):
+        raise InvalidInputError(f"AOT packages end in .pt2, got {path}")
+    with _eval(target), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, example, shapes, takes_position_ids, n_layers = decoder_graph(target)
+        try:
+            program = torch.export.export(graph, example, dynamic_shapes=shapes, strict=False)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
+        except Exception as e:  # noqa: BLE001
+            raise export_error(f"AOTInductor could not package {type(target).__name__} as a cached decoder", e) from e
+    if verify:
+        names = decoder_names(n_layers, takes_position_ids)
+        meta = DecoderExport(path, 0, os.path.getsize(path), names[0], names[1], n_layers, takes_position_ids)
+        runner = torch._inductor.aoti_load_package(path)
+        with _eval(target):
+            for batch, new, past in ((2, 3, 5), (1, 1, 9)):
+                inputs = decoder_inputs(target, batch, new, past, seed=past)
+                expected = _reference(target, inputs, meta)
+                got = runner(*inputs)
+                for name, ref, out in zip(meta.output_names, expected, got):
+                    diff = float((ref - out).abs().max()) if ref.numel() else 0.0
+                    if not diff <= 1e-4 + 1e-3 * float(ref.abs().max()):
+                        raise VerificationError(f"the AOT package disagrees with PyTorch on {name!r} at past length "
+                                                f"{past}: max |diff| = {diff:.3g}")
+    return path
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module):
+    was = module.training
+    module.eval()
+    try:
+        yield
     finally:
-        target.train(was_training)
+        module.train(was)
 
 
 def verify_decoder(model: nn.Module, result: DecoderExport, providers: list[str] | None = None) -> None:
@@ -219,5 +267,43 @@ def _dynamic_shapes(n_inputs: int, takes_position_ids: bool) -> tuple:
     return ({0: batch, 1: new}, {0: batch, 1: total}, tuple(rest))   # forward(input_ids, attention_mask, *rest)
 
 
-__all__ = ["CachedDecoder", "DecoderExport", "decoder_inputs", "decoder_names", "export_decoder", "verify_decoder",
-           "GeoNormError"]
+
+
+def generate_onnx(session, input_ids, max_new_tokens: int, *, attention_mask=None) -> "torch.Tensor":
+    """Greedy generation with an ONNX Runtime ``session`` of a decoder from :func:`export_decoder` (a path is
+    opened with :func:`ort_session`): the prompt runs with an empty past, then one token per step with the
+    ``present`` outputs fed back as ``past_key_values``. Returns ``input_ids`` with the new tokens appended,
+    as ``model.generate(input_ids, max_new_tokens=..., do_sample=False)`` would."""
+    import numpy as np
+
+    if isinstance(session, (str, os.PathLike)):
+        session = ort_session(os.fspath(session))
+    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+    batch, length = ids.shape
+    mask = (np.ones((batch, length), np.int64) if attention_mask is None
+            else np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask,
+                            dtype=np.int64))
+    inputs = {i.name: i for i in session.get_inputs()}
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    present_names = [n.replace("past_key_values.", "present.") for n in past_names]
+    numpy_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    past = {}
+    for name in past_names:
+        _, heads, _, head_dim = inputs[name].shape
+        past[name] = np.zeros((batch, heads, 0, head_dim), numpy_dtype.get(inputs[name].type, np.float32))
+    out = [ids]
+    step_ids = ids
+    positions = np.cumsum(mask, axis=1) - 1
+    positions = np.where(mask == 0, 1, positions)
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = positions[:, -step_ids.shape[1]:]
+        logits, *present = session.run(["logits", *present_names], feeds)
+        token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        out.append(token)
+        past = dict(zip(past_names, present))
+        step_ids = token
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        positions = np.concatenate([positions, positions[:, -1:] + 1], axis=1)
+    return torch.from_numpy(np.concatenate(out, axis=1))

@@ -156,7 +156,7 @@ def output_names(module: nn.Module, args: tuple, kwargs: dict) -> list[str] | No
                     parts.append(str(getattr(key, attr)))
                     break
         name = ".".join(parts)
-        names.append(name if not name.isdigit() and name else f"output_{name or len(names)}")
+        names.append(f"output_{name or len(names)}" if not name or name[0].isdigit() else name)
     return names if len(set(names)) == len(names) else None
 
 
