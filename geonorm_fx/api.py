@@ -15,7 +15,7 @@ from .passes.ops import GraphView
 from .passes.rewrite import rewrite_sites
 from .passes.sites import Analysis, analyze
 from .report import SITE_KINDS, Report, Site, Skip
-from .schedules import SCHEDULE_NAMES, Schedule, decay_constants
+from .schedules import Schedule, decay_constants, validate_schedule
 
 
 def inspect(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = "auto",
@@ -146,10 +146,7 @@ def _check_kinds(kinds) -> set[str] | None:
 
 
 def _check_schedule(schedule) -> None:
-    if isinstance(schedule, str) and schedule not in SCHEDULE_NAMES:
-        decay_constants(schedule, 0)  # raises ScheduleError with the list of names
-    if not (isinstance(schedule, str) or callable(schedule) or hasattr(schedule, "__len__")):
-        raise ScheduleError(f"schedule must be a name, a sequence or a callable, got {type(schedule).__name__}")
+    validate_schedule(schedule)
 
 
 def _count(analysis: Analysis) -> dict[str, int]:

@@ -24,6 +24,7 @@ import copy
 import inspect
 import operator
 import re
+import threading
 import warnings
 from inspect import signature as inspect_signature
 from dataclasses import dataclass, field
@@ -104,12 +105,24 @@ class Captured:
         return {i.name: i.fixed for i in self.inputs or () if i.fixed}
 
 
+#: torch.export and make_fx keep global state (the dispatch mode stacks): two captures at once in two threads
+#: corrupt each other ("Trying to pop empty mode stack"). Every capture of the package holds this lock, so
+#: concurrent ``convert`` / ``inspect`` / ``install`` calls run one after the other.
+capture_lock = threading.RLock()
+
+
 def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = "auto",
             modes: tuple[str, ...] = MODES, copy_weights: bool = True) -> Captured:
     """Capture ``model`` on example inputs ``args``/``kwargs``; see the module docstring.
 
     ``copy_weights=False``: the graphs hold the source's own parameter and buffer objects instead of copies
-    (``inspect``, ``convert(copy=False)``); the source's mode is switched for each capture and restored."""
+    (``inspect``, ``convert(copy=False)``); the source's mode is switched for each capture and restored.
+    Captures are serialised (:data:`capture_lock`)."""
+    with capture_lock:
+        return _capture(model, args, kwargs, dynamic, tracer, modes, copy_weights)
+
+
+def _capture(model, args, kwargs, dynamic: bool, tracer: str, modes: tuple[str, ...], copy_weights: bool) -> Captured:
     args, kwargs = normalize_inputs(args, kwargs)
     if tracer not in TRACERS:
         raise InvalidInputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
@@ -126,6 +139,7 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
         raise InvalidInputError(
             f"expected a torch.nn.Module, fx.GraphModule or ExportedProgram, got {type(model).__name__}")
     training = bool(model.training)
+    warn_about_hooks(model)
     work = _deepcopy(model) if copy_weights else model
     modes_before = {m: m.training for m in work.modules()} if not copy_weights else {}
     graphs = {}
@@ -133,12 +147,17 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
     try:
         for mode in modes:
             work.train(mode == "train")
-            if tracer == "fx":
-                graphs[mode] = _fx_trace(work, args, kwargs)
-                is_dynamic = False
-            else:
-                graphs[mode], is_dynamic = _export(work, args, kwargs, dynamic, warn=(mode == modes[0]))
-                dynamic = is_dynamic
+            try:
+                if tracer == "fx":
+                    graphs[mode] = _fx_trace(work, args, kwargs)
+                    is_dynamic = False
+                else:
+                    graphs[mode], is_dynamic = _export(work, args, kwargs, dynamic, warn=(mode == modes[0]))
+                    dynamic = is_dynamic
+            except CaptureError as e:
+                if mode != "train" or "eval" not in graphs:
+                    raise
+                graphs[mode] = _train_from_eval(graphs["eval"], e)
     finally:
         for m, was_training in modes_before.items():
             m.training = was_training
@@ -155,6 +174,49 @@ def capture(model, args=(), kwargs=None, *, dynamic: bool = True, tracer: str = 
                     shared=not copy_weights)
 
 
+def _train_from_eval(eval_graph: fx.GraphModule, error: CaptureError) -> fx.GraphModule:
+    """The train-mode graph when only the eval-mode forward could be captured: the eval graph with its dropout
+    switched on, and a warning saying what training then lacks."""
+    warnings.warn(
+        f"the model's train-mode forward could not be captured ({str(error)[:300]}), its eval-mode forward was: "
+        "the converted module trains with the eval-mode graph with dropout switched on. What else the model does "
+        "only in training is missing from it (LayerDrop / stochastic depth skips, batch statistics of BatchNorm, "
+        "quantisation-aware steps). Convert a model whose training forward torch.export can capture (e.g. "
+        "LayerDrop set to 0) if training needs those", GeoNormWarning, stacklevel=5)
+    graph = _copy_graph_module(eval_graph)
+    set_dropout_mode(graph, True)
+    return graph
+
+
+def warn_about_hooks(model: nn.Module) -> None:
+    """Module hooks cannot follow the model into a captured graph: torch.export runs a forward hook or pre-hook
+    once, on the example, so what it computes is frozen into the graph and its side effects never happen again;
+    backward hooks are not part of the graph; hooks added to the converted module's submodules never fire (the
+    graph calls none). Warn, naming each hook, so that nothing disappears silently."""
+    found = []
+    kinds = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+             ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+    for path, module in model.named_modules():
+        for attr, kind in kinds:
+            for hook in getattr(module, attr, {}).values():
+                name = getattr(hook, "__qualname__", None) or type(hook).__name__
+                found.append(f"{kind} {name} on {path or type(model).__name__}")
+    from torch.nn.modules import module as module_mod
+
+    for attr, kind in (("_global_forward_pre_hooks", "global forward pre-hook"),
+                       ("_global_forward_hooks", "global forward hook"),
+                       ("_global_backward_hooks", "global backward hook")):
+        for hook in getattr(module_mod, attr, {}).values():
+            found.append(f"{kind} {getattr(hook, '__qualname__', type(hook).__name__)}")
+    if found:
+        warnings.warn(
+            f"the model has hooks that the converted module will not run: {'; '.join(found[:8])}"
+            f"{' ...' if len(found) > 8 else ''}. torch.export ran each forward hook once on the example: what it "
+            "computes is frozen into the graph and its side effects (logging, caching, counters) will not happen "
+            "again; backward hooks are not captured; hooks added to the converted module's submodules never fire. "
+            "gf.install keeps the model object and traces its hooks with it (Dynamo)", GeoNormWarning, stacklevel=5)
+
+
 def _warn_fixed(inputs: list[InputShape]) -> None:
     parts, small = [], False
     for i in inputs:
@@ -169,7 +231,7 @@ def _warn_fixed(inputs: list[InputShape]) -> None:
         f"lists the dims that are dynamic). To accept other sizes: {hint}remove what ties the dim to a "
         "constant (a shape check such as x.shape[1] == 8, a fixed-size buffer or position table used "
         "whole), or convert with an example of the size you will use",
-        GeoNormWarning, stacklevel=4)
+        GeoNormWarning, stacklevel=5)
 
 
 def _is_dynamic_size(size) -> bool:
@@ -349,7 +411,7 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict):
     if small:
         warnings.warn("an example input has a batch or sequence size of 0 or 1, which torch.export "
                       "specialises: give examples with sizes >= 2 so the result accepts other sizes",
-                      GeoNormWarning, stacklevel=4)
+                      GeoNormWarning, stacklevel=5)
     return shapes.dynamic_shapes(model, args, kwargs)
 
 
@@ -376,7 +438,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, warn: bo
     if dynamic_error is not None and warn:
         warnings.warn(f"dynamic capture failed ({type(dynamic_error).__name__}: {_first_line(dynamic_error)}); "
                       "captured with static shapes: the converted module accepts only the example shapes",
-                      GeoNormWarning, stacklevel=3)
+                      GeoNormWarning, stacklevel=5)
     return _functional(ep).module(), False
 
 
@@ -769,8 +831,10 @@ def _capture_message(model: nn.Module, how: str, e: BaseException) -> str:
         "cache" in str(e).lower() or (callable(can_generate) and can_generate()))
     unknown_type = re.search(r"Found <class '([^']+)'> in (output|input)", str(e))
     if how == "torch.fx.symbolic_trace":
-        fix = ("symbolic_trace cannot follow data-dependent Python control flow: use tracer='export' "
-               "(the default)")
+        fix = ("symbolic_trace cannot follow Python control flow on tensors (if/for on values or sizes). "
+               "tracer='export' (the default) follows control flow on sizes; control flow on tensor values "
+               "stops both: rewrite it with torch.cond / torch.where, or use gf.install, whose capture "
+               "(torch.compile) runs such branches in Python between graphs (fullgraph=False)")
     elif hf_decoder:
         fix = ("this is a Hugging Face decoder with use_cache=True: build it with config.use_cache=False "
                "(or pass use_cache=False in kwargs) so no KV cache is returned")
@@ -780,6 +844,8 @@ def _capture_message(model: nn.Module, how: str, e: BaseException) -> str:
                f"with torch.export.register_dataclass({name}) (a dataclass) or "
                "torch.utils._pytree.register_pytree_node, then convert again")
     else:
-        fix = ("check that args/kwargs are what forward() expects; for data-dependent control flow try "
-               "tracer='fx', or dynamic=False")
+        fix = ("check that args/kwargs are what forward() expects; a shape that must stay fixed: dynamic=False; "
+               "control flow on tensor values: rewrite it with torch.cond / torch.where, or use gf.install "
+               "(torch.compile runs such branches between graphs with fullgraph=False); tracer='fx' only helps "
+               "when the branch reads no tensor at all")
     return f"{how} could not capture {type(model).__name__}: {type(e).__name__}: {_first_line(e)}. Fix: {fix}"

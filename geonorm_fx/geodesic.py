@@ -5,6 +5,7 @@ The same code runs in eager mode, is traced by torch.export, fused by Inductor a
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from typing import Iterator, Union
 
@@ -20,7 +21,10 @@ V_FLOOR = 1e-8
 #: ``r2 = <x, x>`` is floored here before dividing by it.
 R2_FLOOR = 1e-12
 
-_SQUARE_FLOOR = 1e-30  # below V_FLOOR ** 2: flooring a square here changes no guard's outcome
+_SQUARE_FLOOR = 1e-30  # below _SCALED_V_FLOOR ** 2: flooring a square here changes no guard's outcome
+#: the tangent floor in units of ``a_s = max(max|s|, 1)``: ``V_FLOOR / a_s``, but not below this (a tangent
+#: under 1e-12 of ``max|s|`` is beneath float32's resolution of ``s``; the floored quotients stay finite)
+_SCALED_V_FLOOR = 1e-12
 
 Scalar = Union[float, Tensor]
 
@@ -40,46 +44,100 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
         out = cos(th) x + sin(th) R v / max(|v|, 1e-8)  # exp map, |out| == |x|
 
     Fallbacks: a token with ``R < 1e-6`` returns ``x + s``; a token with ``|v| < 1e-8`` (``s``
-    parallel to ``x``) returns ``x``. Only the tangent part of ``s`` moves the state. Gradients stay
-    finite at both guards because every divisor and square root is floored.
+    parallel to ``x``) returns ``x``, as does one whose tangent is below ``1e-12 * max|s|`` (under float32's
+    resolution of ``s``). Only the tangent part of ``s`` moves the state. Gradients stay finite at both guards
+    because every divisor and square root is floored.
+
+    No overflow: the norms and dot products are taken of ``x / a_x`` and ``s / a_s`` with ``a = max(max|.|, 1)``
+    per token (the update is scale-equivariant), so a token whose ``x`` and ``s`` are finite gets a finite
+    result and finite gradients up to ``|x| ~ 1e30``; a token whose values are all within ``[-1, 1]`` is
+    computed exactly as by the formula above (``a == 1``), and others agree with it to float32 rounding.
+
+    Raises :class:`InvalidInputError` for non-floating ``x`` / ``s``, different shapes, a ``dim`` out of range
+    or a ``clamp`` outside ``(0, pi]``.
     """
-    if x.shape != s.shape:
-        raise InvalidInputError(
-            f"geodesic_step needs x and s of the same shape, got {tuple(x.shape)} and {tuple(s.shape)}")
+    _check_step_args(x, s, clamp, dim)
     out_dtype = torch.promote_types(x.dtype, s.dtype)  # (torch.result_type breaks a dynamo graph)
     xf = x.float()
     sf = s.float()
-    # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, the tangent
-    # and the output are separate tensors. Inductor fuses the whole step into one loop.
+    # Per-token scales (constants for autograd: the update is scale-equivariant, so their gradient is 0).
+    # a_x > 1 implies |x / a_x| >= 1, so the R floors and the R < 1e-6 guard act only on tokens with a_x == 1.
+    ax = _amax_abs(xf, dim).clamp_min(1.0)
+    as_ = _amax_abs(sf, dim).clamp_min(1.0)
+    # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, the scaled
+    # inputs, the tangent and the output are separate tensors. Inductor fuses the whole step into one loop.
     # The tangent is formed explicitly, not through |v|^2 = <s,s> - <x,s>^2/<x,x>: that difference cancels
     # catastrophically when s is nearly parallel to x and would break the norm invariant.
-    radius_raw = _norm(xf, dim)
-    r2 = radius_raw * radius_raw
-    r2_safe = r2.clamp_min(R2_FLOOR)
-    radius = radius_raw.clamp_min(math.sqrt(R2_FLOOR))
     overwrite = _overwritable()
-    if overwrite:  # one full-size buffer, as the source's x + s: the products x*s, then v, then the output
-        v = torch.mul(xf, sf)
-        along = v.sum(dim, keepdim=True) / r2_safe
-        torch.addcmul(sf, along, xf, value=-1.0, out=v)
+    if overwrite:  # one full-size buffer: x/a_x, then (x/a_x)(s/a_s), then the tangent v/a_s, then the output
+        v = torch.div(xf, ax)
+        radius_raw = _norm(v, dim)
+        along = v.mul_(sf).div_(as_).sum(dim, keepdim=True)
     else:
-        along = torch.linalg.vecdot(xf, sf, dim=dim).unsqueeze(dim) / r2_safe
-        v = torch.addcmul(sf, along, xf, value=-1.0)
-    v_raw = _norm(v, dim)
-    v_norm = v_raw.clamp_min(V_FLOOR)
-    theta0 = torch.clamp(v_norm / radius, max=clamp)
+        xs = xf / ax
+        ss = sf / as_
+        radius_raw = _norm(xs, dim)
+        along = torch.linalg.vecdot(xs, ss, dim=dim).unsqueeze(dim)
+    r2 = radius_raw * radius_raw
+    along = along / r2.clamp_min(R2_FLOOR)                  # <x, s> / <x, x> = along * a_s / a_x
+    radius = radius_raw.clamp_min(math.sqrt(R2_FLOOR))
+    # v / a_s = (s - along a_s (x / a_x)) / a_s: with a_s == 1 exactly the formula's addcmul
+    if overwrite:
+        torch.div(xf, ax, out=v)
+        torch.addcmul(sf, along * as_, v, value=-1.0, out=v).div_(as_)
+    else:
+        v = torch.addcmul(sf, along * as_, xs, value=-1.0) / as_
+    v_raw = _norm(v, dim)                                  # |v| / a_s
+    v_floor = (V_FLOOR / as_).clamp_min(_SCALED_V_FLOOR)   # V_FLOOR in units of a_s
+    v_norm = v_raw.clamp_min(v_floor)
+    ratio = as_ / ax
+    theta0 = torch.clamp(v_norm / radius * ratio, max=clamp)
     theta = ((scale * theta0 + bias) * decay).clamp(-clamp, clamp)
-    # out = a*x + b*v with per-token scalars; the guards only select other scalars:
-    # R < 1e-6 gives x + s = (1 + along) x + v, |v| < 1e-8 gives x.
-    parallel = v_raw < V_FLOOR
+    # out = a*x + b*(v / a_s) with per-token scalars; the guards only select other scalars:
+    # R < 1e-6 gives x + s = (1 + along a_s / a_x) x + a_s (v / a_s), |v| < 1e-8 gives x.
+    parallel = v_raw < v_floor
     empty = radius_raw < R_FLOOR
-    a = torch.where(empty, 1.0 + along, torch.where(parallel, 1.0, torch.cos(theta)))
-    b = torch.where(empty, 1.0, torch.where(parallel, 0.0, torch.sin(theta) * radius / v_norm))
+    a = torch.where(empty, 1.0 + along * ratio, torch.where(parallel, 1.0, torch.cos(theta)))
+    b = torch.where(empty, as_, torch.where(parallel, 0.0, torch.sin(theta) * radius / v_norm * ax))
     if overwrite:
         out = v.mul_(b).addcmul_(a, xf)
     else:
         out = torch.addcmul(a * xf, b, v)
     return out.to(out_dtype)
+
+
+def _check_step_args(x, s, clamp, dim) -> None:
+    """The checks of :func:`geodesic_step` (plain Python on constants: nothing is traced)."""
+    for name, t in (("x", x), ("s", s)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise InvalidInputError(f"geodesic_step needs floating-point tensors, got {kind} for {name}: "
+                                    "pass the residual stream and the branch output as float tensors")
+    if x.shape != s.shape:
+        raise InvalidInputError(
+            f"geodesic_step needs x and s of the same shape, got {tuple(x.shape)} and {tuple(s.shape)}")
+    if x.dim() == 0:
+        raise InvalidInputError("geodesic_step needs tensors with a feature dimension, got 0-d x and s")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise InvalidInputError(f"dim must be an int in [{-x.dim()}, {x.dim() - 1}] (the feature dimension of "
+                                f"the {x.dim()}-d inputs), got {dim!r}")
+    check_clamp(clamp)
+
+
+def check_clamp(clamp) -> float:
+    """``clamp`` as a float; :class:`InvalidInputError` unless it is a real number in ``(0, pi]``."""
+    if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real) or not 0.0 < float(clamp) <= math.pi:
+        raise InvalidInputError(f"clamp must be an angle in (0, pi] (radians; default pi/4), got {clamp!r}")
+    return float(clamp)
+
+
+def _amax_abs(t: Tensor, dim: int) -> Tensor:
+    """``max |t|`` over ``dim`` (kept), without a gradient (a per-token scale). Eager: one reduction with no
+    full-size temporary; under torch.export: ``amax(abs(t))`` (ONNX ReduceMax)."""
+    t = t.detach()
+    if torch.compiler.is_exporting():
+        return t.abs().amax(dim, keepdim=True)
+    return torch.linalg.vector_norm(t, math.inf, dim=dim, keepdim=True)
 
 
 def _overwritable() -> bool:
@@ -116,12 +174,13 @@ class GeodesicUpdate(nn.Module):
         if not isinstance(dim, int) or isinstance(dim, bool) or dim >= 0:
             raise InvalidInputError(f"dim must be a negative int (counted from the end), got {dim!r}")
         self.dim = dim
-        decay = float(decay)
-        clamp = float(clamp)
+        try:
+            decay = float(decay)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidInputError(f"decay must be a finite real number, got {decay!r}") from None
         if not math.isfinite(decay):
             raise InvalidInputError(f"decay must be finite, got {decay}")
-        if not (0.0 < clamp <= math.pi):
-            raise InvalidInputError(f"clamp must be an angle in (0, pi], got {clamp}")
+        clamp = check_clamp(clamp)
         self.decay = decay
         self.clamp = clamp
         self.learnable = bool(learnable)

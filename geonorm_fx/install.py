@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .capture import normalize_inputs
+from .capture import capture_lock, normalize_inputs
 from .checkpointing import inline_checkpoints, outline_checkpoints
 from .errors import CaptureError, ConversionError, GeoNormError, InvalidInputError
 from .geodesic import GeodesicUpdate, check_decays_before_load
@@ -299,7 +299,7 @@ def aten_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[int, str]]:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     context = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with context, fx_traceback.preserve_node_meta():
+    with capture_lock, context, fx_traceback.preserve_node_meta():
         aten = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="real")(*fakes)
     state = {}
     for i, node in enumerate(placeholders):
@@ -429,7 +429,7 @@ def _discover(model: nn.Module, args: tuple, kwargs: dict, fullgraph: bool) -> A
     compiled = torch.compile(_fresh_entry(type(model).forward), backend=backend, fullgraph=fullgraph, dynamic=False)
     training = model.training
     try:
-        with _dynamo_settings(), (torch.no_grad() if not fullgraph else contextlib.nullcontext()):
+        with capture_lock, _dynamo_settings(), (torch.no_grad() if not fullgraph else contextlib.nullcontext()):
             if not fullgraph:
                 model.eval()
             compiled(model, *args, **kwargs)

@@ -84,7 +84,7 @@ class GeoNormModule(nn.Module):
             # the other mode's code: generating and compiling it is most of the pass's time
             twin = next((m for m in forwards if _same_program(self, self._geonorm_graphs[m], graph)), None)
             forwards[mode] = forwards[twin] if twin is not None else _compile_graph(
-                graph, getattr(self, "_geonorm_input_checks", ()))
+                graph, getattr(self, "_geonorm_input_checks", ()), owner=self, mode=mode)
         self._geonorm_forward = forwards
         signature = inspect.signature(self._geonorm_forward.get("eval") or next(iter(self._geonorm_forward.values())))
 
@@ -208,7 +208,10 @@ def _shape_error(check: tuple, shape: tuple, dim: int | None) -> InputShapeError
         f"model that accepts the size you need")
 
 
-def _compile_graph(graph: fx.Graph, checks: tuple = ()):
+def _compile_graph(graph: fx.Graph, checks: tuple = (), owner: nn.Module | None = None, mode: str = ""):
+    """Python code for ``graph`` (fx codegen), with the input checks first. Each mode's graph flattens its inputs
+    and rebuilds its outputs with its own pytree specs (``_geonorm_{in,out}_spec_<mode>`` on ``owner``): a model's
+    output structure may depend on the mode (XLNet returns its memory only in eval mode)."""
     check_node = None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     checks = tuple(c for c in checks if c[0] < len(placeholders))
@@ -221,6 +224,14 @@ def _compile_graph(graph: fx.Graph, checks: tuple = ()):
     finally:
         if check_node is not None:
             graph.erase_node(check_node)
+    info = getattr(graph._codegen, "pytree_info", None)
+    if owner is not None and info is not None and mode:
+        src = code.src
+        for kind, spec in (("in", info.in_spec), ("out", info.out_spec)):
+            if spec is not None and f"self._{kind}_spec" in src:
+                owner.__dict__[f"_geonorm_{kind}_spec_{mode}"] = spec
+                src = src.replace(f"self._{kind}_spec", f"self._geonorm_{kind}_spec_{mode}")
+        code.src = src
     filename = f"<geonorm_fx generated forward {next(_counter)}>"
     linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
     namespace = dict(code.globals)

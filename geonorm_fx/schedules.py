@@ -43,7 +43,7 @@ def decay_constants(schedule: Schedule, n_blocks: int) -> list[float]:
                 "a sequence of per-block floats, or a callable (k, L) -> float") from None
         values = [fn(k, n_blocks) for k in range(n_blocks)]
     elif callable(schedule):
-        values = [schedule(k, n_blocks) for k in range(n_blocks)]
+        values = [_call(schedule, k, n_blocks) for k in range(n_blocks)]
     elif isinstance(schedule, Sequence):
         values = list(schedule)
         if len(values) != n_blocks:
@@ -63,3 +63,41 @@ def decay_constants(schedule: Schedule, n_blocks: int) -> list[float]:
             raise ScheduleError(f"decay constant for block {k} is not finite: {f}")
         out.append(f)
     return out
+
+
+def _call(schedule: Callable, k: int, n: int):
+    try:
+        return schedule(k, n)
+    except Exception as e:  # noqa: BLE001 - the user's function: its error, said in our terms
+        raise ScheduleError(f"the schedule callable raised {type(e).__name__} for block k={k} of L={n}: {e}. "
+                            "A schedule callable takes (k, L) (0-based block index, number of blocks) and "
+                            "returns a finite float") from e
+
+
+def validate_schedule(schedule: Schedule) -> None:
+    """Check ``schedule`` before any model is captured: a known name, a sequence of finite numbers (its length is
+    checked against the model's blocks later), or a callable that takes ``(k, L)`` and returns a finite number
+    (it is called for a few small ``(k, L)``). Raises :class:`ScheduleError` saying what is wrong."""
+    if isinstance(schedule, str):
+        if schedule not in _NAMED:
+            decay_constants(schedule, 0)  # the unknown-name error with the list of names
+        return
+    if callable(schedule):
+        import inspect
+
+        try:
+            inspect.signature(schedule).bind(0, 1)
+        except TypeError:
+            raise ScheduleError(f"the schedule callable {getattr(schedule, '__name__', schedule)!r} does not take "
+                                "two arguments (k, L): give a function f(k, L) -> float") from None
+        except ValueError:  # no signature to inspect (a builtin): calling it below decides
+            pass
+        for n in (1, 2, 3):
+            decay_constants(schedule, n)
+        return
+    if isinstance(schedule, Sequence) and not isinstance(schedule, (bytes, bytearray)):
+        decay_constants(list(schedule), len(schedule))
+        return
+    raise ScheduleError(
+        f"schedule must be a name ({', '.join(SCHEDULE_NAMES)}), a sequence of floats or a callable (k, L) -> float, "
+        f"got {type(schedule).__name__}")

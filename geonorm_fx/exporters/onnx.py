@@ -8,8 +8,11 @@ the example inputs and on inputs with other batch/sequence sizes, and compares w
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -76,7 +79,14 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
                 external_data: bool | None = None) -> OnnxExport:
     """Export ``module`` (in eval mode) to ONNX at ``path`` and, with ``verify``, check it in ONNX Runtime
     against PyTorch at the example shape and one other batch/sequence size; raises
-    :class:`VerificationError` naming the worst output and its difference when beyond tolerance."""
+    :class:`VerificationError` naming the worst output and its difference when beyond tolerance.
+
+    Bad input (not a module, ``args`` not a tuple/tensor, ``kwargs`` not a dict, an ``opset`` that is not an
+    integer >= 18, a ``path`` that is a directory or in a folder that cannot be created or written) raises
+    :class:`InvalidInputError` before anything is exported. The file is written atomically (a failed export
+    leaves an earlier file at ``path`` as it was); weights go to ``path + ".data"`` when the parameters and
+    buffers exceed :data:`EXTERNAL_DATA_BYTES` (or ``external_data=True``), and a stale ``.data`` file is
+    removed otherwise. ``module`` is put back in its training mode and is otherwise left as it was."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -86,12 +96,10 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
     if not isinstance(module, nn.Module):
         raise InvalidInputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
     args, kwargs = normalize_inputs(args, kwargs)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    if opset < 18:
-        raise InvalidInputError(f"opset {opset} is too old for the dynamo exporter: use 18 or newer")
+    opset = check_opset(opset)
+    path = check_output_path(path, "the ONNX file")
     if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        external_data = tensor_bytes(module) > EXTERNAL_DATA_BYTES
     with _eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
         shapes = dynamic_shapes_for(module, args, kwargs) if dynamic else None
@@ -102,12 +110,90 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
                                         output_names=names)
         except Exception as e:  # noqa: BLE001 - re-raised with the reason
             raise export_error(f"torch.onnx could not export {type(module).__name__}", e) from e
-        program.save(path, external_data=external_data)
-    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+        size = _save_atomically(program, path, external_data)
     result = OnnxExport(path=path, opset=opset, size_bytes=size)
     if verify:
         verify_onnx(module, args, kwargs, result, providers)
     return result
+
+
+def check_opset(opset) -> int:
+    """``opset`` as an int (:data:`DEFAULT_OPSET` for ``None``); :class:`InvalidInputError` unless it is an
+    integer of at least 18 (the dynamo exporter's oldest)."""
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+        raise InvalidInputError(f"opset must be an integer of at least 18 (default {DEFAULT_OPSET}), "
+                                f"got {opset!r} ({type(opset).__name__})")
+    if opset < 18:
+        raise InvalidInputError(f"opset {opset} is too old for the dynamo exporter: use 18 or newer")
+    return int(opset)
+
+
+def check_output_path(path, what: str) -> str:
+    """``path`` as a string, after making sure a file can be written there: not a directory, its folder
+    existing (created when missing) and writable. Raises :class:`InvalidInputError` naming the path (before
+    any export work is done)."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InvalidInputError(f"the path for {what} must be a str or os.PathLike, got "
+                                f"{type(path).__name__}") from None
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInputError(f"the path for {what} must be a non-empty file path, got {path!r}")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise InvalidInputError(f"{path} is a directory: give the path of a file for {what} (a name inside "
+                                "that folder, for example)")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InvalidInputError(f"cannot create the folder {folder} for {what} at {path} "
+                                f"({type(e).__name__}: {e.strerror or e}): choose a path in a folder you can "
+                                "create") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write {what} at {path}: the folder {folder} is not writable; choose "
+                                "another path or fix the folder's permissions")
+    return path
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``module`` (what the file will hold), each storage counted once
+    (tied weights, views)."""
+    seen: dict[tuple, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        try:
+            storage = t.untyped_storage()
+            key = (t.device.type, storage.data_ptr()) if storage.data_ptr() else ("tensor", id(t))
+            seen[key] = max(seen.get(key, 0), storage.nbytes())
+        except Exception:  # noqa: BLE001 - tensor subclasses without a plain storage: count the elements
+            seen[("tensor", id(t))] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _save_atomically(program, path: str, external_data: bool) -> int:
+    """Save ``program`` at ``path`` by writing it in a temporary folder beside it and moving the file (and its
+    ``.data`` file, when it has one) into place: a failure leaves an earlier file at ``path`` untouched. A
+    ``.data`` file left by an earlier export is removed when this one has none. Returns the bytes written."""
+    folder, name = os.path.split(os.path.abspath(path))
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+    try:
+        staged = os.path.join(staging, name)
+        try:
+            program.save(staged, external_data=external_data)
+        except Exception as e:  # noqa: BLE001 - re-raised with the reason
+            raise export_error(f"could not write the ONNX file {path}", e) from e
+        size = os.path.getsize(staged)
+        data = path + ".data"
+        if os.path.exists(staged + ".data"):  # also written without asking for models over 2 GiB
+            size += os.path.getsize(staged + ".data")
+            os.replace(staged + ".data", data)
+        elif os.path.lexists(data):
+            os.remove(data)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return size
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
