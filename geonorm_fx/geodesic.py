@@ -49,9 +49,10 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     because every divisor and square root is floored.
 
     No overflow: the norms and dot products are taken of ``x / a_x`` and ``s / a_s`` with ``a = max(max|.|, 1)``
-    per token (the update is scale-equivariant), so a token whose ``x`` and ``s`` are finite gets a finite
-    result and finite gradients up to ``|x| ~ 1e30``; a token whose values are all within ``[-1, 1]`` is
-    computed exactly as by the formula above (``a == 1``), and others agree with it to float32 rounding.
+    per token (the update is scale-equivariant), so the squares never overflow float32: values and gradients
+    stay finite for states and branch outputs up to ``~1e30`` per element (the unscaled squares overflowed
+    from ``~1.8e19``). A token whose values are all within ``[-1, 1]`` is computed exactly as by the formula
+    above (``a == 1``, bit for bit); others agree with it to float32 rounding.
 
     Raises :class:`InvalidInputError` for non-floating ``x`` / ``s``, different shapes, a ``dim`` out of range
     or a ``clamp`` outside ``(0, pi]``.
@@ -60,44 +61,44 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     out_dtype = torch.promote_types(x.dtype, s.dtype)  # (torch.result_type breaks a dynamo graph)
     xf = x.float()
     sf = s.float()
-    # Per-token scales (constants for autograd: the update is scale-equivariant, so their gradient is 0).
-    # a_x > 1 implies |x / a_x| >= 1, so the R floors and the R < 1e-6 guard act only on tokens with a_x == 1.
+    # Per-token scales, constants for autograd (for any fixed a_x, a_s the steps below compute the same function
+    # of x and s, so the gradient is exact). a_x > 1 implies |x / a_x| >= 1: the R floors and the R < 1e-6 guard
+    # then act only on tokens with a_x == 1, as in the unscaled formula.
     ax = _amax_abs(xf, dim).clamp_min(1.0)
     as_ = _amax_abs(sf, dim).clamp_min(1.0)
-    # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, the scaled
-    # inputs, the tangent and the output are separate tensors. Inductor fuses the whole step into one loop.
+    # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, x / a_x, the
+    # tangent and the output are separate tensors. Inductor fuses the whole step into one loop.
     # The tangent is formed explicitly, not through |v|^2 = <s,s> - <x,s>^2/<x,x>: that difference cancels
     # catastrophically when s is nearly parallel to x and would break the norm invariant.
+    # Units: with x' = x / a_x, the tangent is v = s - c x' where c = <x', s> / <x', x'> (= a_x <x,s>/<x,x>);
+    # it is stored as v' = v / a_s. With a_x == a_s == 1 every step below is the formula's, bit for bit.
     overwrite = _overwritable()
-    if overwrite:  # one full-size buffer: x/a_x, then (x/a_x)(s/a_s), then the tangent v/a_s, then the output
+    if overwrite:  # one full-size buffer: x', then x' * s, then x' again, then v', then the output
         v = torch.div(xf, ax)
-        radius_raw = _norm(v, dim)
-        along = v.mul_(sf).div_(as_).sum(dim, keepdim=True)
+        radius_raw = _norm(v, dim)                          # |x'|
+        dot = v.mul_(sf).sum(dim, keepdim=True)             # <x', s>
     else:
         xs = xf / ax
-        ss = sf / as_
         radius_raw = _norm(xs, dim)
-        along = torch.linalg.vecdot(xs, ss, dim=dim).unsqueeze(dim)
+        dot = torch.linalg.vecdot(xs, sf, dim=dim).unsqueeze(dim)
     r2 = radius_raw * radius_raw
-    along = along / r2.clamp_min(R2_FLOOR)                  # <x, s> / <x, x> = along * a_s / a_x
+    c = dot / r2.clamp_min(R2_FLOOR)
     radius = radius_raw.clamp_min(math.sqrt(R2_FLOOR))
-    # v / a_s = (s - along a_s (x / a_x)) / a_s: with a_s == 1 exactly the formula's addcmul
     if overwrite:
         torch.div(xf, ax, out=v)
-        torch.addcmul(sf, along * as_, v, value=-1.0, out=v).div_(as_)
+        torch.addcmul(sf, c, v, value=-1.0, out=v).div_(as_)
     else:
-        v = torch.addcmul(sf, along * as_, xs, value=-1.0) / as_
-    v_raw = _norm(v, dim)                                  # |v| / a_s
+        v = torch.addcmul(sf, c, xs, value=-1.0).div_(as_)  # (addcmul's result is not saved for backward)
+    v_raw = _norm(v, dim)                                  # |v'| = |v| / a_s
     v_floor = (V_FLOOR / as_).clamp_min(_SCALED_V_FLOOR)   # V_FLOOR in units of a_s
     v_norm = v_raw.clamp_min(v_floor)
-    ratio = as_ / ax
-    theta0 = torch.clamp(v_norm / radius * ratio, max=clamp)
+    theta0 = torch.clamp(v_norm / radius * (as_ / ax), max=clamp)   # |v| / R
     theta = ((scale * theta0 + bias) * decay).clamp(-clamp, clamp)
-    # out = a*x + b*(v / a_s) with per-token scalars; the guards only select other scalars:
-    # R < 1e-6 gives x + s = (1 + along a_s / a_x) x + a_s (v / a_s), |v| < 1e-8 gives x.
+    # out = a*x + b*v' with per-token scalars; the guards only select other scalars:
+    # R < 1e-6 gives x + s = (1 + c / a_x) x + a_s v', |v| < 1e-8 gives x.
     parallel = v_raw < v_floor
-    empty = radius_raw < R_FLOOR
-    a = torch.where(empty, 1.0 + along * ratio, torch.where(parallel, 1.0, torch.cos(theta)))
+    empty = radius_raw < R_FLOOR                            # a_x > 1 implies |x'| >= 1: only a_x == 1 tokens
+    a = torch.where(empty, 1.0 + c / ax, torch.where(parallel, 1.0, torch.cos(theta)))
     b = torch.where(empty, as_, torch.where(parallel, 0.0, torch.sin(theta) * radius / v_norm * ax))
     if overwrite:
         out = v.mul_(b).addcmul_(a, xf)
@@ -132,12 +133,13 @@ def check_clamp(clamp) -> float:
 
 
 def _amax_abs(t: Tensor, dim: int) -> Tensor:
-    """``max |t|`` over ``dim`` (kept), without a gradient (a per-token scale). Eager: one reduction with no
-    full-size temporary; under torch.export: ``amax(abs(t))`` (ONNX ReduceMax)."""
+    """``max |t|`` over ``dim`` (kept), without a gradient (a per-token scale). Traced (torch.compile,
+    torch.export, hence ONNX ReduceMax): ``amax(abs(t))``, which the compilers fuse; eager: ``max(amax(t),
+    -amin(t))``, two fast reductions with no full-size temporary (``vector_norm(t, inf)`` is ~20x slower)."""
     t = t.detach()
-    if torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return t.abs().amax(dim, keepdim=True)
-    return torch.linalg.vector_norm(t, math.inf, dim=dim, keepdim=True)
+    return torch.maximum(t.amax(dim, keepdim=True), t.amin(dim, keepdim=True).neg_())
 
 
 def _overwritable() -> bool:
