@@ -831,9 +831,9 @@ def _capture_message(model: nn.Module, how: str, e: BaseException) -> str:
         "cache" in str(e).lower() or (callable(can_generate) and can_generate()))
     unknown_type = re.search(r"Found <class '([^']+)'> in (output|input)", str(e))
     if how == "torch.fx.symbolic_trace":
-        fix = ("symbolic_trace cannot follow Python control flow on tensors (if/for on values or sizes). "
-               "tracer='export' (the default) follows control flow on sizes; control flow on tensor values "
-               "stops both: rewrite it with torch.cond / torch.where, or use gf.install, whose capture "
+        fix = ("symbolic_trace cannot follow Python control flow on tensors (if/for on values or sizes): "
+               "use tracer='export' (the default), which follows control flow on sizes. Control flow on tensor "
+               "values stops both: rewrite it with torch.cond / torch.where, or use gf.install, whose capture "
                "(torch.compile) runs such branches in Python between graphs (fullgraph=False)")
     elif hf_decoder:
         fix = ("this is a Hugging Face decoder with use_cache=True: build it with config.use_cache=False "

@@ -48,11 +48,11 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     resolution of ``s``). Only the tangent part of ``s`` moves the state. Gradients stay finite at both guards
     because every divisor and square root is floored.
 
-    No overflow: the norms and dot products are taken of ``x / a_x`` and ``s / a_s`` with ``a = max(max|.|, 1)``
-    per token (the update is scale-equivariant), so the squares never overflow float32: values and gradients
-    stay finite for states and branch outputs up to ``~1e30`` per element (the unscaled squares overflowed
-    from ``~1.8e19``). A token whose values are all within ``[-1, 1]`` is computed exactly as by the formula
-    above (``a == 1``, bit for bit); others agree with it to float32 rounding.
+    No overflow: the norms and dot products are taken of ``x / a_x`` and ``s / a_s`` with ``a`` a power of two
+    near ``max(max|.|, 1)`` per token (the update is scale-equivariant), so the squares never overflow float32:
+    values and gradients stay finite for states and branch outputs up to ``~1e30`` per element (the unscaled
+    squares overflowed from ``~1.8e19``). Scaling by a power of two is exact, so every token is computed bit
+    for bit as by the formula above wherever that formula did not overflow.
 
     Raises :class:`InvalidInputError` for non-floating ``x`` / ``s``, different shapes, a ``dim`` out of range
     or a ``clamp`` outside ``(0, pi]``.
@@ -64,8 +64,8 @@ def geodesic_step(x: Tensor, s: Tensor, *, scale: Scalar = 1.0, bias: Scalar = 0
     # Per-token scales, constants for autograd (for any fixed a_x, a_s the steps below compute the same function
     # of x and s, so the gradient is exact). a_x > 1 implies |x / a_x| >= 1: the R floors and the R < 1e-6 guard
     # then act only on tokens with a_x == 1, as in the unscaled formula.
-    ax = _amax_abs(xf, dim).clamp_min(1.0)
-    as_ = _amax_abs(sf, dim).clamp_min(1.0)
+    ax = _power_of_two_scale(xf, dim)
+    as_ = _power_of_two_scale(sf, dim)
     # Eager inference allocates one full-size tensor, as the source's add did; with autograd on, x / a_x, the
     # tangent and the output are separate tensors. Inductor fuses the whole step into one loop.
     # The tangent is formed explicitly, not through |v|^2 = <s,s> - <x,s>^2/<x,x>: that difference cancels
@@ -130,6 +130,15 @@ def check_clamp(clamp) -> float:
     if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real) or not 0.0 < float(clamp) <= math.pi:
         raise InvalidInputError(f"clamp must be an angle in (0, pi] (radians; default pi/4), got {clamp!r}")
     return float(clamp)
+
+
+def _power_of_two_scale(t: Tensor, dim: int) -> Tensor:
+    """Per token, a power of two ``a >= 1`` near ``max |t|`` (``1`` when every ``|t| <= 1``). Dividing and
+    multiplying by a power of two is exact in floating point, so every step of :func:`geodesic_step` on the
+    scaled values is the unscaled formula's result scaled exactly: the output is bit for bit the unscaled
+    formula's wherever that did not overflow (rankings by norm, ties and guards come out the same), and finite
+    where it did."""
+    return torch.exp2(torch.ceil(torch.log2(_amax_abs(t, dim).clamp_min(1.0))))
 
 
 def _amax_abs(t: Tensor, dim: int) -> Tensor:
