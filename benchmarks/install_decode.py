@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -27,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import geonorm_fx as gf  # noqa: E402
+from benchmarks.timing import per_token_decode, write_json  # noqa: E402
 
 
 def build(layers: int, hidden: int, vocab: int = 1024):
@@ -76,19 +75,14 @@ def main(argv=None) -> dict:
     compile_s = {"source": timed_generate(source, prompt, args.tokens),
                  "installed": install_s + timed_generate(installed, prompt, args.tokens)}
 
-    per_token = {"source": [], "installed": []}
-    for _ in range(args.reps):
-        for name, model in (("source", source), ("installed", installed)):
-            full = timed_generate(model, prompt, 1 + args.tokens)
-            prefill = timed_generate(model, prompt, 1)
-            per_token[name].append((full - prefill) / args.tokens)
-    med = {k: statistics.median(v) for k, v in per_token.items()}
+    models = {"source": source, "installed": installed}
+    med, rounds = per_token_decode(lambda name, n: timed_generate(models[name], prompt, n), models, args.tokens,
+                                   args.reps)
     result = {
         "command": "python benchmarks/install_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "backend": args.backend, "layers": args.layers, "hidden": args.hidden, "tokens": args.tokens,
         "reps": args.reps, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "per_token_ms": {k: v * 1e3 for k, v in med.items()},
-        "per_token_ms_all": {k: [x * 1e3 for x in v] for k, v in per_token.items()},
+        **rounds,
         "ratio": med["installed"] / med["source"],
         "compile_s": compile_s, "install_s": install_s,
         "sites": len(installed.geonorm_report.sites),
@@ -101,9 +95,7 @@ def main(argv=None) -> dict:
     print(f"| gf.install ({result['sites']} sites) | {med['installed'] * 1e3:.3f} | {compile_s['installed']:.1f} "
           f"(install {install_s:.1f}) |")
     print(f"ratio installed / source: {result['ratio']:.3f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

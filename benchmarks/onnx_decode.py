@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import geonorm_fx as gf  # noqa: E402
 from benchmarks.install_decode import build  # noqa: E402
+from benchmarks.timing import per_token_decode, write_json  # noqa: E402
 from geonorm_fx.exporters import export_decoder, generate_onnx, ort_session  # noqa: E402
 
 
@@ -59,17 +58,12 @@ def main(argv=None) -> dict:
 
     for name in sessions:  # warm-up
         timed(name, 8)
-    per_token = {name: [] for name in sessions}
-    for _ in range(args.reps):
-        for name in sessions:
-            per_token[name].append((timed(name, 1 + args.tokens) - timed(name, 1)) / args.tokens)
-    med = {k: statistics.median(v) for k, v in per_token.items()}
+    med, rounds = per_token_decode(timed, list(sessions), args.tokens, args.reps)
     result = {
         "command": "python benchmarks/onnx_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "providers": sessions["geonorm"].get_providers(), "layers": args.layers, "hidden": args.hidden,
         "tokens": args.tokens, "reps": args.reps, "ort_threads": args.threads,
-        "per_token_ms": {k: v * 1e3 for k, v in med.items()},
-        "per_token_ms_all": {k: [x * 1e3 for x in v] for k, v in per_token.items()},
+        **rounds,
         "ratio": med["geonorm"] / med["source"],
         "max_abs_diff": {k: e.max_abs_diff for k, e in exports.items()},
         "sites": len(geonorm.geonorm_report.sites),
@@ -81,9 +75,7 @@ def main(argv=None) -> dict:
     print(f"| source, exported with export_decoder | {med['source'] * 1e3:.3f} |")
     print(f"| GeoNorm ({result['sites']} sites), export_decoder | {med['geonorm'] * 1e3:.3f} |")
     print(f"ratio GeoNorm / source: {result['ratio']:.3f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     return result
 
 

@@ -89,3 +89,26 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op threads")
+
+
+def per_token_decode(timed, names, tokens: int, reps: int) -> tuple[dict[str, float], dict]:
+    """Per-token decode seconds of each model in ``names``: ``(timed(name, 1 + tokens) - timed(name, 1)) / tokens``
+    (``timed(name, n)``: seconds to generate ``n`` tokens; the prompt cancels), ``reps`` rounds run in turn.
+    Returns the medians and the JSON fields ``per_token_ms`` / ``per_token_ms_all``."""
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        for name in names:
+            rounds[name].append((timed(name, 1 + tokens) - timed(name, 1)) / tokens)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    return med, {"per_token_ms": {k: v * 1e3 for k, v in med.items()},
+                 "per_token_ms_all": {k: [x * 1e3 for x in v] for k, v in rounds.items()}}
+
+
+def write_json(path: str, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (folders created)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

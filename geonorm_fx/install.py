@@ -36,7 +36,7 @@ from .geodesic import GeodesicUpdate, check_decays_before_load
 from .passes.ops import GraphView
 from .passes.rewrite import rewrite_sites
 from .passes.sites import Analysis, SiteMatch, analyze
-from .schedules import Schedule, decay_constants
+from .schedules import Schedule
 
 PREFIX = "geonorm"
 _entry_counter = itertools.count()
@@ -83,8 +83,8 @@ def install(model: nn.Module, args=(), kwargs=None, *, schedule: Schedule = "har
     for no code generation, any registered backend name or a backend callable).
 
     ``model.geonorm_report`` is the :class:`Report`. ``fullgraph=True``: a graph break is an error (no site
-    can be split); with ``fullgraph=False`` a break between blocks is allowed, one inside a block raises
-    :class:`ConversionError` at the call that produced it.
+    can be split); with ``fullgraph=False`` a break inside a block, or one that makes blocks frames of their own
+    that Dynamo shares between same-class blocks, raises :class:`ConversionError` at the call that produced it.
     """
     from .api import _check_kinds, _check_schedule, _decays, _report
 
@@ -250,10 +250,38 @@ class GeoNormBackend:
         plan = self.owner.plan
         aten, state = aten_graph(gm)
         analysis = analyze_with_parameters(aten, set(state))
-        apply_plan(aten, analysis.sites, plan, module, graph_root(state, example_inputs, module))
+        root = graph_root(state, example_inputs, module)
+        rewritten = apply_plan(aten, analysis.sites, plan, module, root)
         if plan.backend == "eager":
             aten = outline_checkpoints(aten)
-        return _inner_backend(plan.backend)(aten, example_inputs)
+        compiled = _inner_backend(plan.backend)(aten, example_inputs)
+        if not rewritten or not state or not root:  # the model's own frame: its entry code is this model's alone
+            return compiled
+        anchor = min(state)
+        return _ForItsModule(compiled, anchor, example_inputs[anchor], root)
+
+
+class _ForItsModule:
+    """A rewritten graph bound to the module it was compiled for. Dynamo guards a frame on its modules' types
+    and attributes, not their identity: after a graph break, a block's ``forward`` is a frame of its own, and its
+    compiled graph would be reused for every other block of the class, with the first block's updates. The call
+    checks the identity of one of the graph's parameters (one comparison) and refuses any other module."""
+
+    def __init__(self, compiled, index: int, parameter, root: str | None):
+        self.compiled = compiled
+        self.index = index
+        self.parameter = parameter
+        self.root = root
+        self.boxed = bool(getattr(compiled, "_boxed_call", False))  # it takes one list of inputs
+
+    def __call__(self, *args):
+        if args[self.index] is not self.parameter:
+            raise ConversionError(
+                f"a graph rewritten with the updates of {self.root or 'the model'!r} is being reused by torch.compile "
+                "for another module of the same class (a graph break made each block a frame of its own, and Dynamo "
+                "shares one compiled frame between same-class blocks): its updates would be the wrong ones. Remove "
+                "the graph break (torch._dynamo.explain shows it) and install with fullgraph=True")
+        return self.compiled(list(args)) if self.boxed else self.compiled(*args)
 
 
 def apply_plan(aten: fx.GraphModule, sites: list[SiteMatch], plan: InstallPlan, module: nn.Module,

@@ -16,22 +16,14 @@ from torch.utils import _pytree as pytree
 import geonorm_fx as gf
 
 from .corpus import CASES
+from .test_corpus import _clone, _one_thread  # noqa: F401 - the module's one-thread fixture, the input copy
 from .install_models import perturb_updates
 
 # every other case in `make test`; GEONORM_FULL_CORPUS=1 runs all of them (see the README's install section)
 SAMPLE = CASES if os.environ.get("GEONORM_FULL_CORPUS") == "1" else CASES[::2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _clone(args):
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+# cases install must refuse (convert, capturing with torch.export, rewrites them): always run
+REFUSED = {"graph-break-between-blocks"}
+SAMPLE = SAMPLE + [c for c in CASES if c.id in REFUSED and c not in SAMPLE]
 
 
 def _sites(report):
@@ -44,6 +36,13 @@ def test_install_agrees_with_convert(case):
         pytest.skip("an fx-traced case: its model is not torch.export/Dynamo-capturable as written")
     inputs = case.inputs()
     model = case.build()
+    if case.id in REFUSED:  # a graph break: an error at install (fullgraph) or at the call, never a wrong update
+        with pytest.raises(gf.CaptureError, match="graph break"):
+            gf.install(case.build(), _clone(inputs[0]), backend="eager")
+        gf.install(model, _clone(inputs[0]), backend="eager", fullgraph=False)
+        with pytest.raises(gf.ConversionError, match="another module of the same class"), torch.no_grad():
+            model(*_clone(inputs[0]))
+        return
     source = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..install import _installable, installed_forward_of, rewrite_with_plan
-from .onnx import DEFAULT_OPSET, VerificationError, _ort_failure, export_error, ort_session, tolerance
+from .onnx import DEFAULT_OPSET, VerificationError, _ort_failure, diff_and_bound, eval_mode, export_error, ort_session
 
 WRAPPED = "lm"   # the attribute the wrapper holds the model under (stripped from module paths)
 
@@ -124,7 +124,7 @@ def export_decoder(model: nn.Module, path: str, *, opset: int | None = None, ver
     cached forward at two past lengths (5 and 9, with 3 and 1 new tokens, batch 2 and 1)."""
     target = _installable(model)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    with _eval(target), warnings.catch_warnings(), contextlib.redirect_stdout(None):
+    with eval_mode(target), warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
         graph, example, shapes, takes_position_ids, n_layers = decoder_graph(target)
         input_names, output_names = decoder_names(n_layers, takes_position_ids)
@@ -138,7 +138,7 @@ def export_decoder(model: nn.Module, path: str, *, opset: int | None = None, ver
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     result = DecoderExport(path, opset, size, input_names, output_names, n_layers, takes_position_ids)
     if verify:
-        with _eval(target):
+        with eval_mode(target):
             verify_decoder(model, result, providers)
     return result
 
@@ -151,7 +151,7 @@ def export_decoder_aot(model: nn.Module, path: str, *, verify: bool = True):
     target = _installable(model)
     if not str(path).endswith(".pt2"):
         raise InvalidInputError(f"AOT packages end in .pt2, got {path}")
-    with _eval(target), warnings.catch_warnings():
+    with eval_mode(target), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph, example, shapes, takes_position_ids, n_layers = decoder_graph(target)
         try:
@@ -164,27 +164,17 @@ def export_decoder_aot(model: nn.Module, path: str, *, verify: bool = True):
         names = decoder_names(n_layers, takes_position_ids)
         meta = DecoderExport(path, 0, os.path.getsize(path), names[0], names[1], n_layers, takes_position_ids)
         runner = torch._inductor.aoti_load_package(path)
-        with _eval(target):
+        with eval_mode(target):
             for batch, new, past in ((2, 3, 5), (1, 1, 9)):
                 inputs = decoder_inputs(target, batch, new, past, seed=past)
                 expected = _reference(target, inputs, meta)
                 got = runner(*inputs)
                 for name, ref, out in zip(meta.output_names, expected, got):
-                    diff = float((ref - out).abs().max()) if ref.numel() else 0.0
-                    if not diff <= 1e-4 + 1e-3 * float(ref.abs().max()):
+                    diff, bound = diff_and_bound(ref, out, ref.dtype)
+                    if not diff <= bound:
                         raise VerificationError(f"the AOT package disagrees with PyTorch on {name!r} at past length "
                                                 f"{past}: max |diff| = {diff:.3g}")
     return path
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module):
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 def verify_decoder(model: nn.Module, result: DecoderExport, providers: list[str] | None = None) -> None:
@@ -207,14 +197,10 @@ def verify_decoder(model: nn.Module, result: DecoderExport, providers: list[str]
             raise _ort_failure(result.path, e) from e
         result.checked.append({"batch": batch, "new": new, "past": past})
         for name, ref, out in zip(result.output_names, expected, got):
-            ref = ref.detach().float()
-            out = torch.from_numpy(out).float()
-            if ref.shape != out.shape:
+            if tuple(ref.shape) != tuple(out.shape):
                 raise VerificationError(f"ONNX Runtime's {name!r} has shape {tuple(out.shape)}, PyTorch's "
                                         f"{tuple(ref.shape)} (past {past}, {new} new tokens)")
-            diff = float((ref - out).abs().max()) if ref.numel() else 0.0
-            atol, rtol = tolerance(expected[0].dtype)
-            bound = atol + rtol * float(ref.abs().max() if ref.numel() else 0.0)
+            diff, bound = diff_and_bound(ref, out, expected[0].dtype)
             worst = max(worst, diff)
             if not diff <= bound:
                 raise VerificationError(

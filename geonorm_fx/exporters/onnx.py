@@ -100,7 +100,7 @@ def export_onnx(module: nn.Module, args, path: str, *, kwargs=None, opset: int |
     path = check_output_path(path, "the ONNX file")
     if external_data is None:
         external_data = tensor_bytes(module) > EXTERNAL_DATA_BYTES
-    with _eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
+    with eval_mode(module), warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
         shapes = dynamic_shapes_for(module, args, kwargs) if dynamic else None
         names = output_names(module, args, kwargs)
@@ -224,7 +224,7 @@ def output_names(module: nn.Module, args: tuple, kwargs: dict) -> list[str] | No
     ``output_1`` ... for plain tuples. ``None`` (torch.onnx's default names) when the call fails or gives a
     non-tensor leaf the export would drop."""
     try:
-        with torch.no_grad(), _eval_mode(module):
+        with torch.no_grad(), eval_mode(module):
             out = module(*args, **kwargs)
         leaves = pytree.tree_flatten_with_path(out)[0]
     except Exception:  # noqa: BLE001 - names are a convenience: the export reports real failures
@@ -261,7 +261,7 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
         cases.append(other)
     worst = 0.0
     for case_args, case_kwargs in cases:
-        with torch.no_grad(), _eval_mode(module):
+        with torch.no_grad(), eval_mode(module):
             expected = tensor_leaves(module(*case_args, **case_kwargs))
         feeds = _feeds(session, case_args, case_kwargs)
         try:
@@ -272,12 +272,8 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
         if len(got) != len(expected):
             raise VerificationError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(expected)}")
         for i, (ref, out) in enumerate(zip(expected, got)):
-            ref = ref.detach().float().cpu()
-            out = torch.from_numpy(out).float()
-            diff = float((ref - out).abs().max()) if ref.numel() else 0.0
+            diff, bound = diff_and_bound(ref, out, ref.dtype)
             worst = max(worst, diff)
-            atol, rtol = tolerance(expected[i].dtype)
-            bound = atol + rtol * (float(ref.abs().max()) if ref.numel() else 0.0)
             if not diff <= bound:  # NaN fails too
                 name = session.get_outputs()[i].name
                 raise VerificationError(
@@ -285,6 +281,16 @@ def verify_onnx(module: nn.Module, args: tuple, kwargs: dict, result: OnnxExport
                     f"shapes {result.checked_shapes[-1]}: max |diff| = {diff:.3g} > {bound:.3g}; the file "
                     f"{result.path} is not a faithful export")
     result.max_abs_diff = worst
+
+
+def diff_and_bound(ref: torch.Tensor, out, dtype: torch.dtype) -> tuple[float, float]:
+    """``(max |ref - out|, allowed)`` for an output computed in ``dtype`` (:func:`tolerance`); ``out`` may be a
+    NumPy array (ONNX Runtime) or a tensor. A NaN difference fails ``diff <= allowed``."""
+    ref = ref.detach().float().cpu()
+    out = (torch.from_numpy(out) if not isinstance(out, torch.Tensor) else out.detach()).float().cpu()
+    diff = float((ref - out).abs().max()) if ref.numel() else 0.0
+    atol, rtol = tolerance(dtype)
+    return diff, atol + rtol * (float(ref.abs().max()) if ref.numel() else 0.0)
 
 
 def _ort_failure(path: str, e: Exception) -> VerificationError:
@@ -320,7 +326,7 @@ def _other_sizes(session, module: nn.Module, args: tuple, kwargs: dict):
         sizes = {sym: example[sym] + (k + 1 if sym in grown else 0) for k, sym in enumerate(symbols)}
         case = pytree.tree_unflatten(_resized(leaves, tensors, session, sizes), spec)
         try:
-            with torch.no_grad(), _eval_mode(module):
+            with torch.no_grad(), eval_mode(module):
                 module(*case[0], **case[1])
             return case
         except Exception:  # noqa: BLE001 - the module does not take these sizes; try fewer
@@ -345,7 +351,7 @@ def _resized(leaves: list, tensors: list[int], session, sizes: dict) -> list:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
+def eval_mode(module: nn.Module):
     was_training = module.training
     module.eval()
     try:

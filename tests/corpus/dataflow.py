@@ -3,6 +3,7 @@ terms is split by dataflow, not by association: ``h[-1] + h[-2]``, dense and U-N
 injection ``block(h) + e`` keep every block's own site, and an extra term never becomes the stream)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import D, VOCAB, Kept, S, SHAPES, case, geo, token_inputs, tokens
@@ -186,3 +187,56 @@ def towers():
     one to the other), each numbered from 0 (A first, in stream order); the merge sum is not a site and
     the norm after it is a final norm."""
     return Towers()
+
+
+class BreakBetweenBlocks(Stepped):
+    """Pre blocks with ``torch._dynamo.graph_break()`` between them (a logging call, a ``.item()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.blocks = nn.ModuleList([Pre(), Pre(), Pre()])
+        self.final = LN()
+        self.head = nn.Linear(D, VOCAB)
+
+    def _run(self, t, step):
+        x = self.embed(t)
+        for k, block in enumerate(self.blocks):
+            x = step(block, x, k)
+            torch._dynamo.graph_break()
+        return self.head(self.final(x))
+
+
+@case("graph-break-between-blocks", sites=S("pre", 0, 0, 1, 2, per=2), inputs=token_inputs(),
+      ref=lambda m, t: m.geonorm(t), kept=[Kept("final", why="final norm")])
+def break_between_blocks():
+    """Graph breaks between blocks do not change the model: 6 pre sites, blocks 0, 1, 2 (torch.export ignores the
+    break). ``gf.install`` with ``fullgraph=False`` compiles each block as a frame of its own that Dynamo shares
+    between the blocks: it must refuse (tests/test_install_corpus.py), never run a block with another's updates."""
+    return BreakBetweenBlocks()
+
+
+class ConstantBranch(Stepped):
+    """``x + f(N(table))``: a normed branch that reads a parameter table, not the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.table = nn.Parameter(torch.randn(D))
+        self.tnorm = LN()
+        self.f = MLP(D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def _run(self, t, step):
+        x = self.embed(t)
+        x = x + self.f(self.tnorm(self.table))
+        x = x + self.f(self.tnorm(self.table * 2))
+        return self.head(x)
+
+
+@case("normed-constant-branch", sites=[], inputs=token_inputs(), kept=[Kept("tnorm", why="norm of a constant")])
+def constant_branch():
+    """Abstain: a branch ``f(N(table))`` computed from a parameter, not from the stream, is a learned bias added to
+    the stream: no path from ``x`` through a norm, so no site, twice over (no repeated block either); ``tnorm``
+    stays."""
+    return ConstantBranch()
